@@ -1,0 +1,26 @@
+"""Alignment: from captured VLM attention to the loss against the teacher's per-word maps.
+
+``aggregation`` (layers/heads reductions, by name), ``aligners`` (learned heads, by name),
+``loss`` (normalisation, MSE, λ schedule), ``head`` (the module that chains them).
+"""
+
+from lavender.alignment.aggregation import AGGREGATIONS, Aggregation, get_aggregation
+from lavender.alignment.aligners import ALIGNERS, ConvAligner, ParallelTextImageAttention, build_aligner
+from lavender.alignment.head import AlignmentHead, word_maps
+from lavender.alignment.loss import NORMALIZATIONS, AttentionWeight, attention_loss, normalize_maps
+
+__all__ = [
+    "AGGREGATIONS",
+    "ALIGNERS",
+    "NORMALIZATIONS",
+    "Aggregation",
+    "AlignmentHead",
+    "AttentionWeight",
+    "ConvAligner",
+    "ParallelTextImageAttention",
+    "attention_loss",
+    "build_aligner",
+    "get_aggregation",
+    "normalize_maps",
+    "word_maps",
+]

@@ -1,0 +1,79 @@
+"""The alignment head: the VLM's captured maps → one normalised map per matched word.
+
+It owns the aligner's parameters, so it is the module attached to the VLM (as ``lavender_head``)
+and trained, saved and restored with it. The rest (aggregation, normalisation) is stateless.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lavender.alignment.aggregation import get_aggregation
+from lavender.alignment.aligners import HIDDEN_CHANNELS, build_aligner
+from lavender.alignment.loss import normalize_maps
+
+
+def word_maps(maps: torch.Tensor, word_rows: torch.Tensor) -> torch.Tensor:
+    """The mean map of each word's query rows.
+
+    ``maps (B, L, H, Q, R, R)``, ``word_rows (B, W, P)`` indices into Q (-1 = padding) →
+    ``(B, W, L, H, R, R)``. A word without rows gets zeros (it is masked out of the loss).
+    """
+    batch, _, _, queries, _, _ = maps.shape
+    valid = word_rows >= 0
+    one_hot = torch.zeros(*word_rows.shape[:2], queries + 1, dtype=maps.dtype, device=maps.device)
+    # padding rows land in the extra last column, dropped below
+    one_hot.scatter_add_(2, torch.where(valid, word_rows, queries), valid.to(maps.dtype))
+    weights = one_hot[..., :queries] / one_hot[..., :queries].sum(-1, keepdim=True).clamp_min(1)
+    return torch.einsum("bwq,blhqxy->bwlhxy", weights, maps)
+
+
+class AlignmentHead(nn.Module):
+    """Aggregation + aligner + per-word normalisation, by name."""
+
+    def __init__(
+        self,
+        heads: int,
+        aggregation: str = "mean",
+        aligner: str = "sim",
+        normalization: str = "minmax",
+        hidden: int = HIDDEN_CHANNELS,
+    ):
+        super().__init__()
+        self.aggregation_name, self.aligner_name, self.normalization = aggregation, aligner, normalization
+        self.heads, self.hidden = heads, hidden
+        self.aggregation = get_aggregation(aggregation)
+        self.aligner = build_aligner(aligner, self.aggregation.aligner_channels(heads), hidden)
+        normalize_maps(torch.zeros(1, 1, 1), normalization)  # fail on a bad name now, not mid-training
+
+    def forward(
+        self, maps: torch.Tensor, word_rows: torch.Tensor, word_mask: torch.Tensor, detach_maps: bool = False
+    ) -> torch.Tensor:
+        """Normalised maps ``(N, R, R)`` of the N words where ``word_mask (B, W)`` is True."""
+        if maps.shape[2] != self.heads:
+            raise ValueError(f"the head was built for {self.heads} heads; the captured maps have {maps.shape[2]}")
+        per_word = word_maps(maps.float(), word_rows)[word_mask]
+        if detach_maps:
+            per_word = per_word.detach()
+        return normalize_maps(self.aggregation(per_word, self.aligner), self.normalization)
+
+    def describe(self) -> dict[str, str]:
+        """What a saved head needs to be rebuilt (stored next to its weights)."""
+        return {
+            "heads": str(self.heads),
+            "aggregation": self.aggregation_name,
+            "aligner": self.aligner_name,
+            "normalization": self.normalization,
+            "hidden": str(self.hidden),
+        }
+
+    @classmethod
+    def from_description(cls, description: dict[str, str]) -> "AlignmentHead":
+        return cls(
+            heads=int(description["heads"]),
+            aggregation=description["aggregation"],
+            aligner=description["aligner"],
+            normalization=description["normalization"],
+            hidden=int(description["hidden"]),
+        )

@@ -1,0 +1,293 @@
+"""Attention quality: the VLM's per-word maps against the teacher's maps and ground-truth masks.
+
+The VLM's maps come exactly as in training: the record in the model's chat template, teacher-forced
+(question and reference answer), each word's query rows found through tokenizer offsets
+(:mod:`lavender.training.data`), attention captured from the same layers by the same adapters
+(:class:`lavender.student.AttentionCapture`) and placed on an R×R grid over the image. Two maps per word:
+
+* ``raw``: the mean over captured layers and heads of the word's rows, min–max normalised: the
+  VLM's own attention, comparable between a base model and a fine-tune;
+* ``head``: the trained alignment head's output (aggregation + aligner), when the model folder has
+  one (``lavender_head.safetensors``): what the alignment loss compared with the teacher.
+
+Metrics per word (averaged over all measured words):
+
+* ``entropy``: Shannon entropy of the map taken as a distribution over the R² cells, divided by
+  log R² (1 = flat, 0 = one cell); ``teacher_entropy`` the same for the teacher's map;
+* ``mse``: mean squared difference with the teacher's map (the alignment loss's own measure);
+* ``pearson``: correlation with the teacher's map over the cells (words where either map is
+  constant are left out and counted in ``pearson_undefined``);
+* ``pointing``: whether the map's highest cell lies on the word's mask (the first such cell if
+  several tie);
+* ``iou``: intersection over union of the map's cells ≥ 0.5 (after min–max) with the mask's cells.
+
+Masks are given per record as ``"masks": {word: path}``: a PNG (or any image) the size of the
+record's image, non-zero on the word's referents; paths are relative to the data file's folder
+(or ``--image-root``); words are matched by :attr:`lavender.words.Word.key`. A mask is brought to
+the R×R grid by area: a cell belongs to the mask when the mask covers at least half of it (or, for
+an object smaller than half a cell, when it covers any of it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lavender.alignment import normalize_maps, word_maps
+from lavender.images import ImageError
+from lavender.records import Record
+from lavender.student import AttentionCapture
+from lavender.training.data import (
+    BATCH_KEYS,
+    COUNTS_KEY,
+    EXAMPLES_KEY,
+    LavenderCollator,
+    LavenderDataset,
+    SampleError,
+    image_token_id,
+)
+from lavender.words import normalize_word
+
+IOU_THRESHOLD = 0.5
+
+
+# ---- metrics on one word's maps (R×R numpy arrays) ---------------------------------------------
+
+
+def normalized_entropy(attention: np.ndarray) -> float:
+    """Entropy of ``attention`` as a distribution over its cells, in units of log(cells)."""
+    p = np.clip(attention.astype(np.float64).ravel(), 0, None)
+    total = p.sum()
+    if total <= 0:
+        return 1.0  # no attention anywhere: as uninformative as a flat map
+    p = p[p > 0] / total
+    return float(-(p * np.log(p)).sum() / math.log(attention.size))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson correlation over the cells; ``None`` when either map is constant."""
+    x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    x, y = x - x.mean(), y - y.mean()
+    denominator = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / denominator) if denominator > 0 else None
+
+
+def mask_on_grid(mask: np.ndarray, size: int) -> np.ndarray:
+    """A full-resolution boolean mask as a (size, size) boolean grid (rule in the module docstring)."""
+    coverage = np.asarray(
+        Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BOX), dtype=np.float64
+    )
+    grid = coverage >= 0.5
+    return grid if grid.any() else coverage > 0
+
+
+def pointing_hit(attention: np.ndarray, mask_grid: np.ndarray) -> bool:
+    """Whether the highest cell of ``attention`` lies on ``mask_grid`` (same shape)."""
+    return bool(mask_grid.ravel()[int(np.argmax(attention))])
+
+
+def iou(attention: np.ndarray, mask_grid: np.ndarray, threshold: float = IOU_THRESHOLD) -> float:
+    """IoU of the cells where min–max-normalised ``attention`` ≥ ``threshold`` with ``mask_grid``."""
+    low, high = float(attention.min()), float(attention.max())
+    scaled = (attention - low) / (high - low) if high > low else np.zeros_like(attention)
+    predicted = scaled >= threshold
+    union = np.logical_or(predicted, mask_grid).sum()
+    return float(np.logical_and(predicted, mask_grid).sum() / union) if union else 0.0
+
+
+def word_metrics(
+    vlm: np.ndarray, teacher: np.ndarray | None = None, mask_grid: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """Every metric that applies to one word's VLM map, given its teacher map and/or mask grid."""
+    metrics: dict[str, float | None] = {"entropy": normalized_entropy(vlm)}
+    if teacher is not None:
+        metrics["teacher_entropy"] = normalized_entropy(teacher)
+        metrics["mse"] = float(np.mean((vlm.astype(np.float64) - teacher.astype(np.float64)) ** 2))
+        metrics["pearson"] = pearson(vlm, teacher)
+    if mask_grid is not None:
+        metrics["pointing"] = float(pointing_hit(vlm, mask_grid))
+        metrics["iou"] = iou(vlm, mask_grid)
+    return metrics
+
+
+def summarize_words(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per map kind (``raw``, ``head``): the mean of each metric over the words that have it, and counts."""
+    summary: dict[str, Any] = {}
+    for kind in sorted({row["map"] for row in rows}):
+        of_kind = [row for row in rows if row["map"] == kind]
+        entry: dict[str, Any] = {"words": len(of_kind), "records": len({row["id"] for row in of_kind})}
+        for name in ("entropy", "teacher_entropy", "mse", "pearson", "pointing", "iou"):
+            values = [row[name] for row in of_kind if row.get(name) is not None]
+            if values:
+                entry[name] = float(np.mean(values))
+            if name == "pearson" and any(name in row and row[name] is None for row in of_kind):
+                entry["pearson_undefined"] = sum(1 for row in of_kind if name in row and row[name] is None)
+        summary[kind] = entry
+    return summary
+
+
+# ---- masks ----------------------------------------------------------------------------------------
+
+
+def load_masks(record: Record, root: Path) -> dict[str, np.ndarray]:
+    """Word key → boolean mask of the record's ``extra["masks"]``; :class:`ImageError` on a bad file."""
+    masks = record.extra.get("masks") or {}
+    if not isinstance(masks, dict):
+        raise ImageError(f"'masks' must be an object word → mask image path, got {type(masks).__name__}")
+    loaded = {}
+    for word, location in masks.items():
+        path = Path(location) if Path(location).is_absolute() else root / location
+        try:
+            with Image.open(path) as image:
+                loaded[normalize_word(word)] = np.asarray(image.convert("L")) > 0
+        except (OSError, ValueError) as error:
+            raise ImageError(f"mask of {word!r} ({path}): {error}") from None
+    return loaded
+
+
+# ---- the VLM's maps -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Words:
+    """What :class:`lavender.training.data.LavenderDataset` reads from a target store: per record the
+    word keys to measure (the teacher's, the masks', or both) with a map (the teacher's, else zeros)."""
+
+    teacher: Any
+    masks: dict[str, dict[str, np.ndarray]]
+    resolution: int
+
+    def ids(self) -> list[str]:
+        return sorted(set(self.masks) | set(self.teacher.ids() if self.teacher is not None else ()))
+
+    def teacher_maps(self, record_id: str) -> dict[str, np.ndarray]:
+        return self.teacher.get(record_id) if self.teacher is not None and record_id in self.teacher else {}
+
+    def get(self, record_id: str) -> dict[str, np.ndarray]:
+        maps = self.teacher_maps(record_id)
+        blank = np.zeros((self.resolution, self.resolution), dtype=np.float32)
+        return {**{key: blank for key in self.masks.get(record_id, {})}, **maps}
+
+
+def evaluate_attention(
+    model: Any,
+    processor: Any,
+    records: Sequence[Record],
+    root: Path,
+    targets: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    size: int = 32,
+    batch_size: int = 8,
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Attention metrics over the records that have teacher maps and/or masks.
+
+    Writes one line per record, word and map kind to ``output/attention.jsonl`` when ``output`` is
+    given. Records that cannot be measured (unreadable image or mask, text the template changed)
+    are listed under ``failed`` with their reason.
+    """
+    from tqdm import tqdm
+
+    store, side = None, "both"
+    if targets is not None:
+        from lavender.teacher.store import open_store
+
+        store = open_store(targets)
+        size = store.resolution
+        side = store.metadata.get("settings", {}).get("text", "both")
+    failed: list[dict[str, str]] = []
+    masks: dict[str, dict[str, np.ndarray]] = {}
+    for record in records:
+        if "masks" in record.extra:
+            try:
+                masks[record.id] = load_masks(record, root)
+            except ImageError as error:
+                failed.append({"id": record.id, "error": f"unreadable mask: {error}"})
+    words = _Words(store, masks, size)
+    wanted = set(words.ids())
+    measured = [record for record in records if record.id in wanted]
+    if not measured:
+        return {"failed": failed, "note": "no record has teacher maps or masks"}
+
+    head = _load_head(model_dir)
+    dataset = LavenderDataset(measured, words, processor, att_text=side)
+    collator = LavenderCollator(processor, image_token_id(model.config))
+    capture = AttentionCapture(model, layers=layers)
+    rows: list[dict[str, Any]] = []
+    try:
+        for start in tqdm(range(0, len(measured), batch_size), desc="attention", unit="batch"):
+            samples = []
+            for record in measured[start : start + batch_size]:
+                try:
+                    samples.append(dataset.prepare(record))
+                except (ImageError, SampleError) as error:
+                    failed.append({"id": record.id, "error": str(error)})
+            if samples:
+                rows += _measure_batch(model, capture, collator, head, samples, words, size)
+    finally:
+        capture.close()
+    if output is not None:
+        with (Path(output) / "attention.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return {**summarize_words(rows), "resolution": size, "text": side, "failed": failed}
+
+
+def _load_head(model_dir: str | Path | None):
+    """The trained alignment head saved with the model, if any."""
+    if model_dir is None:
+        return None
+    from lavender.training.trainer import HEAD_FILE, load_head
+
+    return load_head(model_dir) if (Path(model_dir) / HEAD_FILE).is_file() else None
+
+
+@torch.no_grad()
+def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> list[dict[str, dict[str, np.ndarray]]]:
+    """Per sample (:class:`lavender.training.data.Sample`), per map kind (``raw``, and ``head`` when a
+    head is given), word key → the VLM's normalised (size, size) map. Words whose rows cannot see
+    the image are left out."""
+    batch = collator(samples)
+    query_positions, word_rows, _, word_mask = (batch.pop(key) for key in BATCH_KEYS)
+    for key in (COUNTS_KEY, EXAMPLES_KEY, "labels"):
+        batch.pop(key, None)
+    inputs = {key: value.to(model.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+    with capture.record(query_positions.to(model.device)):
+        model(**inputs)
+    image_sizes = [(sample.image.height, sample.image.width) for sample in samples]
+    maps = capture.maps(inputs, size=size, image_sizes=image_sizes).float().cpu()  # (B, L, H, Q, R, R)
+    # rows that cannot see the image (Mllama text before <|image|>) give no map, as in training
+    visible = torch.gather(capture.query_mask.cpu(), 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
+    word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
+    word_mask = word_mask & (word_rows >= 0).any(dim=-1)
+
+    kinds = {"raw": normalize_maps(word_maps(maps, word_rows).mean(dim=(2, 3))[word_mask], "minmax")}
+    if head is not None:
+        kinds["head"] = head.float()(maps, word_rows, word_mask)
+    owners = [(b, key) for b, sample in enumerate(samples) for w, key in enumerate(sample.keys) if word_mask[b, w]]
+    result: list[dict[str, dict[str, np.ndarray]]] = [{kind: {} for kind in kinds} for _ in samples]
+    for kind, predicted in kinds.items():
+        for (b, key), word_map in zip(owners, predicted.numpy()):
+            result[b][kind][key] = word_map
+    return result
+
+
+def _measure_batch(model, capture, collator, head, samples, words: _Words, size: int) -> list[dict[str, Any]]:
+    rows = []
+    for sample, per_kind in zip(samples, vlm_word_maps(model, capture, collator, samples, size, head)):
+        teacher = words.teacher_maps(sample.record_id)
+        masks = words.masks.get(sample.record_id, {})
+        grids = {key: mask_on_grid(mask, size) for key, mask in masks.items()}
+        for kind, maps in per_kind.items():
+            rows += [
+                {"id": sample.record_id, "word": key, "map": kind, **word_metrics(vlm, teacher.get(key), grids.get(key))}
+                for key, vlm in maps.items()
+            ]
+    return rows

@@ -1,0 +1,24 @@
+"""Architecture adapters, by ``config.model_type``. A new architecture is one file here that
+subclasses ``Adapter``, decorates it with ``@register_adapter`` and is imported below."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lavender.student.adapters import llava, mllama, qwen2_vl  # noqa: F401  (they register themselves)
+from lavender.student.adapters.base import ADAPTERS, Adapter, register_adapter
+
+
+def get_adapter(model: nn.Module) -> Adapter:
+    """The adapter for ``model`` (a transformers VLM, possibly PEFT-wrapped)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"no Lavender adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. "
+            "Adding one is a small file in lavender/student/adapters/."
+        )
+    return ADAPTERS[model_type](config)
+
+
+__all__ = ["ADAPTERS", "Adapter", "get_adapter", "register_adapter"]

@@ -1,0 +1,256 @@
+"""Exact, differentiable text→image attention from a transformers VLM, without eager attention.
+
+transformers ≥ 5 routes every attention call through ``AttentionInterface``. We register one
+function, ``"lavender"``, and switch only the language model's sub-config to it (the vision
+tower keeps its own implementation). For every layer the function delegates the real output to
+transformers' SDPA path, untouched. For the captured layers, inside ``capture.record(...)``, it
+also computes the attention probabilities of the requested query rows over *all* keys:
+
+    probs = softmax(q[rows] · kᵀ · scaling + mask[rows])      in float32, with grad
+
+which is exactly the slice ``eager_attention_forward`` would produce, at a cost of
+O(rows × keys) instead of O(T × T). The softmax output is what autograd keeps for backward
+anyway, so holding it adds no memory beyond that.
+
+Gradient checkpointing (non-reentrant) re-runs a layer's forward during backward. The replay must
+perform the same operations as the original forward (torch checks the saved tensors), so it
+captures again, into the recording it belongs to, but never stores a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "lavender"
+
+# module → the capture that watches it. Weak, so a model that is dropped is not kept alive.
+_WATCHED: weakref.WeakKeyDictionary[nn.Module, AttentionCapture] = weakref.WeakKeyDictionary()
+
+
+def lavender_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA attention that also records probabilities for the modules an ``AttentionCapture`` watches."""
+    capture = _WATCHED.get(module)
+    if capture is not None:
+        capture._observe(module, query, key, attention_mask, scaling, kwargs.get("is_causal"))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+# The mask registry must know the name too: for an unknown name transformers builds no mask at all.
+AttentionInterface.register(ATTENTION_NAME, lavender_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+class _Recording:
+    """What one ``record()`` collects: query positions in, per-layer probabilities out."""
+
+    def __init__(self, query_positions: torch.Tensor):
+        self.query_positions = query_positions
+        self.probs: dict[int, torch.Tensor] = {}  # layer index → (B, H, Q, S) float32
+
+
+class AttentionCapture:
+    """Captures text→image attention maps of a transformers VLM during an ordinary forward.
+
+    Example::
+
+        capture = AttentionCapture(model)               # default layers of the architecture
+        with capture.record(query_positions):           # (B, Q) sequence positions, -1 = padding
+            outputs = model(**inputs)                   # the model's output still comes from SDPA
+        maps = capture.maps(inputs, size=32)            # (B, L, H, Q, 32, 32) float32, with grad
+        valid = capture.query_mask                      # (B, Q): rows that can see the image
+
+    ``layers`` are decoder-layer indices of the language model (``module.layer_idx``); the
+    default comes from the architecture's adapter. ``close()`` restores the original attention
+    implementation.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
+        from lavender.student.adapters import get_adapter
+
+        self.model = model
+        self.adapter = get_adapter(model)
+        self._base = _pretrained_model(model)
+        candidates = {module.layer_idx: module for module in self.adapter.attention_modules(self._base)}
+        self.layers = list(layers) if layers is not None else self.adapter.default_layers(sorted(candidates))
+        unknown = [layer for layer in self.layers if layer not in candidates]
+        if unknown:
+            raise ValueError(
+                f"layers {unknown} have no {self.adapter.attention_kind} in this "
+                f"{self.adapter.model_types[0]} model; capturable layers: {sorted(candidates)}"
+            )
+        self._modules = [candidates[layer] for layer in self.layers]
+        self._previous_implementation = self._base.config.get_text_config()._attn_implementation
+        self._base.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
+        for module in self._modules:
+            _WATCHED[module] = self
+        self._recording: _Recording | None = None  # inside record()
+        self._last: _Recording | None = None  # the latest recorded forward, until a plain one
+        self._query_mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def record(self, query_positions: torch.Tensor) -> Iterator[AttentionCapture]:
+        """Capture the rows ``query_positions`` (B, Q) of the one forward run inside the block."""
+        if query_positions.ndim != 2:
+            raise ValueError(f"query_positions must be (batch, queries), got shape {tuple(query_positions.shape)}")
+        recording = _Recording(query_positions.long())
+        self._recording, self._last, self._query_mask = recording, recording, None
+        try:
+            yield self
+        finally:
+            self._recording = None
+
+    def maps(
+        self, inputs: dict, size: int, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> torch.Tensor:
+        """Captured attention placed on the image grid: (B, L, H, Q, size, size), float32.
+
+        ``inputs`` are the model inputs of the recorded forward. ``image_sizes`` (per sample the
+        original (height, width)) lets architectures whose processor pads the image (Mllama)
+        crop the padding; without it the whole canvas is kept. Samples without an image get zeros.
+        """
+        probs = self._recorded_probs(inputs)
+        return self.adapter.place(probs, inputs, size, image_sizes)
+
+    def grids(
+        self, inputs: dict, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[torch.Tensor | None]:
+        """Like ``maps`` at the image's own patch grid: per sample (L, H, Q, rows, cols), or None."""
+        return self.adapter.grids(self._recorded_probs(inputs), inputs, image_sizes)
+
+    @property
+    def query_mask(self) -> torch.Tensor:
+        """(B, Q) bool of the last ``maps()``/``grids()``: False for padding rows and rows that
+        cannot see the image (e.g. Mllama text before ``<|image|>``)."""
+        if self._query_mask is None:
+            raise RuntimeError("query_mask is known after capture.maps(inputs, size)")
+        return self._query_mask
+
+    def _recorded_probs(self, inputs: dict) -> torch.Tensor:
+        """(B, L, H, Q, S) probabilities of the latest recorded forward; sets ``query_mask``."""
+        recording = self._recording or self._last
+        if recording is None:
+            raise RuntimeError("nothing recorded: run the model inside `with capture.record(positions):` first")
+        missing = [layer for layer in self.layers if layer not in recording.probs]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} did not run during the recorded forward; did the batch carry an image "
+                f"({self.adapter.image_inputs_hint})?"
+            )
+        probs = torch.stack([recording.probs[layer] for layer in self.layers], dim=1)
+        if torch.is_grad_enabled() and self.model.training and not probs.requires_grad:
+            raise RuntimeError(
+                "captured attention carries no gradient; with gradient checkpointing use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
+        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions)
+        return probs
+
+    def close(self) -> None:
+        """Stop capturing and give the language model its previous attention implementation back."""
+        for module in self._modules:
+            _WATCHED.pop(module, None)
+        self._base.set_attn_implementation({self.adapter.text_config_key: self._previous_implementation})
+        self._recording = self._last = None
+
+    def _observe(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+        is_causal: bool | None,
+    ) -> None:
+        recording = self._recording_for_this_call()
+        if recording is None:
+            return
+        probs = query_probabilities(module, query, key, attention_mask, scaling, is_causal, recording.query_positions)
+        layer = module.layer_idx
+        if layer not in recording.probs:
+            recording.probs[layer] = probs
+        elif not _in_backward():
+            raise RuntimeError(
+                f"layer {layer} ran twice inside one capture.record(): enter record() once per forward"
+            )
+        # else: a gradient-checkpointing replay; the tensor from the forward is the one in use.
+
+    def _recording_for_this_call(self) -> _Recording | None:
+        if self._recording is not None:
+            return self._recording
+        if _in_backward():  # checkpoint replay of the latest recorded forward
+            return self._last
+        if torch.is_grad_enabled():  # a plain training forward: its replays must not capture
+            self._last = None
+        return None
+
+
+def query_probabilities(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Softmax over all keys of the rows ``positions`` (B, Q; -1 = padding): (B, H, Q, S) float32.
+
+    ``query`` (B, H, T, D) and ``key`` (B, H_kv, S, D) are what the attention function receives:
+    after RoPE and norms, before the grouped-query repeat. The mask follows SDPA's conventions so
+    the probabilities are those of the output the model computes.
+    """
+    batch, heads, _, head_dim = query.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    rows = positions.clamp(min=0).to(query.device)
+    n_rows = rows.shape[1]
+    q = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, head_dim)).float()
+    # Grouped-query attention without repeat_kv: fold the query heads of a group into the rows.
+    q = q.view(batch, kv_heads, (heads // kv_heads) * n_rows, head_dim)
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    logits = (q @ key.float().transpose(-1, -2) * scaling).view(batch, heads, n_rows, kv_length)
+
+    if attention_mask is None:
+        # SDPA's rule (sdpa_attention_forward): no mask + several queries + causal module → is_causal.
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if causal and query.shape[2] > 1:
+            keys = torch.arange(kv_length, device=logits.device)
+            visible = keys[None, None, None, :] <= rows[:, None, :, None]
+            logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
+    else:
+        mask = attention_mask.expand(batch, -1, -1, -1)
+        mask = mask.gather(2, rows[:, None, :, None].expand(batch, mask.shape[1], n_rows, kv_length))
+        if mask.dtype == torch.bool:
+            # finfo.min rather than -inf: a fully masked row gives a uniform row, never NaN.
+            logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:
+            logits = logits + mask.float()
+    return logits.softmax(dim=-1)
+
+
+def _in_backward() -> bool:
+    # True while autograd's engine runs a backward pass: where checkpointed forwards are replayed.
+    return torch._C._current_graph_task_id() != -1
+
+
+def _pretrained_model(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside ``model`` (itself, or under a PEFT/DDP wrapper)."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    raise TypeError(f"{type(model).__name__} contains no transformers PreTrainedModel")

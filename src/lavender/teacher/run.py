@@ -1,0 +1,159 @@
+"""The dataset loop: records → shards of per-word maps, resumable and split across ranks.
+
+Records are cut into shards of ``shard_size`` in manifest order; rank r of W processes
+the shards with index ≡ r (mod W) that are not on disk yet. The split depends only on the
+manifest, so any number of processes, and any number of interruptions, give the same files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lavender.images import ImageError, load_image
+from lavender.records import Record
+from lavender.teacher.extract import SIDES, Teacher, record_seed
+from lavender.teacher.store import ShardRecord, finished_shards, prepare_store, write_shard
+
+
+class RecordFailure(RuntimeError):
+    """A record failed under ``--strict``; the message names it."""
+
+
+@dataclass
+class Summary:
+    done: int = 0  # records processed by this run
+    skipped: int = 0  # records already in the store (earlier run or another rank)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) from this run
+    words_missing: int = 0  # words without a map (truncated text), over the records done
+
+    def line(self) -> str:
+        return (
+            f"done {self.done}, skipped {self.skipped} (already stored), failed {len(self.failed)}; "
+            f"{self.words_missing} word(s) got no map (text beyond the text encoder's context)"
+        )
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from the environment set by ``accelerate launch`` or ``torchrun``."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def records_fingerprint(records: list[Record]) -> dict:
+    digest = hashlib.sha256("\n".join(record.id for record in records).encode()).hexdigest()[:16]
+    return {"count": len(records), "ids_sha256": digest}
+
+
+def _texts(record: Record, text: str) -> dict[str, str]:
+    """The record's text per side; raises ValueError naming an empty one."""
+    sides = SIDES if text == "both" else (text,)
+    texts = {side: record.text(side).strip() for side in sides}
+    empty = [side for side, value in texts.items() if not value]
+    if empty:
+        raise ValueError(f"empty {' and '.join(empty)} text")
+    return texts
+
+
+def _image_reference(record: Record) -> str:
+    return str(record.image) if isinstance(record.image, (str, Path)) else ""
+
+
+def extract_targets(
+    records: list[Record],
+    teacher: Teacher,
+    output: str | Path,
+    *,
+    data: str | Path,
+    image_root: str | Path | None = None,
+    batch_size: int = 8,
+    shard_size: int = 128,
+    strict: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> Summary:
+    """Write the maps of ``records`` into the store at ``output`` (resuming if present)."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError("batch size and shard size must be positive")
+    settings = teacher.settings
+    metadata = {
+        "settings": settings.to_dict(),
+        **teacher.describe(),
+        "data": str(Path(data).resolve()),
+        "image_root": str(Path(image_root).resolve()) if image_root is not None else None,
+        "records": records_fingerprint(records),
+        "shard_size": shard_size,
+        "map_dtype": "float16",
+    }
+    prepare_store(output, metadata)
+    shard_count = -(-len(records) // shard_size)
+    finished = finished_shards(output)
+    mine = [i for i in range(shard_count) if i % world_size == rank and i not in finished]
+    summary = Summary(skipped=sum(min(shard_size, len(records) - i * shard_size) for i in finished))
+    total = sum(min(shard_size, len(records) - i * shard_size) for i in mine)
+    bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)
+    for index in mine:
+        chunk = records[index * shard_size : (index + 1) * shard_size]
+        stored, errors = _process_shard(chunk, teacher, batch_size, strict, bar)
+        write_shard(output, index, stored, errors)
+        summary.done += len(stored)
+        summary.failed += errors
+        summary.words_missing += sum(len(record.missing) for record, _ in stored)
+    bar.close()
+    return summary
+
+
+def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, strict: bool, bar):
+    import numpy as np
+
+    stored, errors = [], []
+    ready: list[tuple[Record, object, dict[str, str]]] = []
+
+    def fail(record: Record, reason: str) -> None:
+        if strict:
+            raise RecordFailure(f"record {record.id!r} ({_image_reference(record) or 'in-memory image'}): {reason}")
+        errors.append((record.id, reason))
+        bar.update(1)
+
+    def flush() -> None:
+        if not ready:
+            return
+        batch = ready[:]
+        ready.clear()
+        results = teacher.word_maps(
+            [image for _, image, _ in batch],
+            [texts for _, _, texts in batch],
+            [record_seed(teacher.settings.seed, record.id) for record, _, _ in batch],
+        )
+        for (record, _, _), result in zip(batch, results):
+            if not result.maps:
+                fail(record, "no word got a map")
+                continue
+            entry = ShardRecord(
+                id=record.id,
+                image=_image_reference(record),
+                words=[{"key": w.key, "text": w.text, "spans": [list(s) for s in w.spans]} for w in result.words],
+                missing=[{"text": t, "side": s, "start": a, "end": b} for t, s, a, b in result.missing],
+            )
+            stored.append((entry, np.stack([result.maps[w.key] for w in result.words])))
+            bar.update(1)
+
+    for record in chunk:
+        try:
+            texts = _texts(record, teacher.settings.text)
+            image = load_image(record.image)
+        except (ImageError, ValueError) as error:
+            fail(record, str(error))
+            continue
+        ready.append((record, image, texts))
+        if len(ready) == batch_size:
+            flush()
+    flush()
+    # records keep manifest order inside the shard, whatever failed in between
+    order = {record.id: i for i, record in enumerate(chunk)}
+    stored.sort(key=lambda item: order[item[0].id])
+    return stored, errors

@@ -1,0 +1,272 @@
+"""Tiny random-weight vision-language models of the real transformers classes.
+
+Each builder returns ``(model, processor)``: a real ``LlavaForConditionalGeneration``,
+``MllamaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration`` a few hundred
+kilobytes big, with a real image processor, a byte-level BPE tokenizer trained locally (no hub
+access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
+with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
+``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint.
+
+The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
+heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
+non-square Qwen2-VL grids.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+KINDS = ("llava", "mllama", "qwen2_vl")
+
+# A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
+_CORPUS = [
+    "a photo of a red cube next to a blue ball on a wooden table",
+    "what is in the image? the image shows a dog and a cat playing in the park",
+    "describe the picture. there is a small green triangle at the top left corner",
+    "how many people are there? two people are walking along the beach at sunset",
+    "question answer user assistant system image picture photo colour shape",
+]
+
+_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+
+
+def _chat_template(image: str, turn_start: str, turn_end: str, bos: str = "") -> str:
+    """A Jinja chat template: ``turn_start`` holds ``ROLE`` (upper-cased role when it is
+    written ``ROLE_UPPER``), content is a string or a list of ``{"type": "image"|"text"}``."""
+    start = turn_start.replace("ROLE_UPPER", "' + message['role'] | upper + '").replace(
+        "ROLE", "' + message['role'] + '"
+    )
+    return (
+        bos
+        + "{% for message in messages %}"
+        + "{{ '" + start + "' }}"
+        + "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        + "{% for item in message['content'] %}"
+        + "{% if item['type'] == 'image' %}{{ '" + image + "' }}"
+        + "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        + "{% endfor %}{% endif %}"
+        + "{{ '" + turn_end + "' }}"
+        + "{% endfor %}"
+        + "{% if add_generation_prompt %}{{ '" + start.replace("message['role']", "'assistant'") + "' }}{% endif %}"
+    )
+
+
+def _tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, **extra):
+    """A byte-level BPE tokenizer trained on a few sentences; the special tokens come first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, **extra
+    )
+
+
+def build_tiny_llava(seed: int = 0):
+    """LLaVA-1.5 layout: CLIP ViT (84 px, patch 14 → 6×6 patches, CLS dropped) + Llama."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
+                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    template = _chat_template("<image>\n", "ROLE_UPPER: ", " ", bos="{{ bos_token }}")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=template,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=84, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2,
+                                pad_token_id=tokenizer.pad_token_id, **_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    return _seeded(seed, LlavaForConditionalGeneration, config), processor
+
+
+def build_tiny_mllama(seed: int = 0):
+    """Llama-3.2-Vision layout: 56 px tiles (4×4 patches + CLS, padded to 24), up to 4 tiles,
+    4 text layers of which 1 and 3 are cross-attention layers."""
+    from transformers import (
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaImageProcessorPil,
+        MllamaProcessor,
+        MllamaTextConfig,
+        MllamaVisionConfig,
+    )
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|image|>",
+                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+    tokenizer = _tokenizer(specials, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
+    template = _chat_template(
+        "<|image|>", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n", "<|eot_id|>", bos="{{ bos_token }}"
+    )
+    image_processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    vision = MllamaVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+        attention_heads=2, image_size=56, patch_size=14, max_num_tiles=4,
+        intermediate_layers_indices=[0], vision_output_dim=64,
+    )
+    text = MllamaTextConfig(
+        vocab_size=len(tokenizer), num_hidden_layers=4, cross_attention_layers=[1, 3],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **_TEXT,
+    )
+    config = MllamaConfig(vision_config=vision, text_config=text,
+                          image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
+    model = _seeded(seed, MllamaForConditionalGeneration, config)
+    # Random init leaves the tanh gates at 0, which would hide the cross-attention layers
+    # from the output; open them so the tiny model behaves like a trained one.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                parameter.fill_(0.5)
+    return model, processor
+
+
+def build_tiny_qwen2_vl(seed: int = 0):
+    """Qwen2-VL layout: patch 14, 2×2 merge (one token per 28×28 px), M-RoPE."""
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLProcessor,
+    )
+    from transformers.utils import is_torchvision_available
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tokenizer = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>")
+    template = _chat_template(
+        "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>ROLE\\n", "<|im_end|>\\n"
+    )
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+    tokenizer.chat_template = template
+    if is_torchvision_available():
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+    else:
+        processor = Qwen2VLImageTextProcessor(image_processor, tokenizer)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=dict(
+            vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+            **_TEXT,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return _seeded(seed, Qwen2VLForConditionalGeneration, config), processor
+
+
+class Qwen2VLImageTextProcessor:
+    """What ``Qwen2VLProcessor`` does for images and text, for environments without torchvision.
+
+    transformers' ``Qwen2VLProcessor`` always carries a video processor, and video processors
+    need torchvision; this stand-in covers the image path only. Saved folders hold the tokenizer
+    (with the chat template) and the image processor, so ``AutoProcessor`` loads them as a real
+    ``Qwen2VLProcessor`` wherever torchvision is installed.
+    """
+
+    image_token = "<|image_pad|>"
+
+    def __init__(self, image_processor, tokenizer):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def __call__(self, images=None, text=None, return_tensors="pt", **tokenizer_kwargs):
+        from transformers import BatchFeature
+
+        texts = [text] if isinstance(text, str) else list(text)
+        image_inputs = {}
+        if images is not None:
+            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
+            tokens_per_image = iter(
+                (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
+            )
+            # Expand each placeholder to its image's token count, in reading order.
+            texts = [
+                re.sub(re.escape(self.image_token), lambda _: "\0" * next(tokens_per_image), t) for t in texts
+            ]
+            texts = [t.replace("\0", self.image_token) for t in texts]
+        encoded = dict(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
+        image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        # M-RoPE needs to know which tokens are image tokens (1) and which are text (0).
+        encoded["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).long()
+        return BatchFeature({**encoded, **image_inputs}, tensor_type=return_tensors)
+
+    def save_pretrained(self, path):
+        self.image_processor.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+BUILDERS: dict[str, Callable] = {
+    "llava": build_tiny_llava,
+    "mllama": build_tiny_mllama,
+    "qwen2_vl": build_tiny_qwen2_vl,
+}
+
+
+def build_tiny_vlm(kind: str, seed: int = 0):
+    """``(model, processor)`` for ``kind`` in ``KINDS``, in memory, fp32, eval mode."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny VLM kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return BUILDERS[kind](seed)
+
+
+def save_tiny_vlm(kind: str, path: str | Path, seed: int = 0) -> Path:
+    """Write a tiny ``kind`` model and its processor to ``path`` (safetensors weights)."""
+    model, processor = build_tiny_vlm(kind, seed)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _seeded(seed: int, model_class, config):
+    torch.manual_seed(seed)
+    config._attn_implementation = "sdpa"
+    return model_class(config).eval()

@@ -1,0 +1,108 @@
+"""The toy world: write its data, pretrain its models.
+
+    lavender toy data --output runs/world                     # all splits, seed 0
+    lavender toy pretrain-dm --data runs/world --output runs/toy-dm
+    lavender toy dm-quality --model runs/toy-dm --data runs/world
+
+See docs/toy.md for the record format and the recorded runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lavender.toy.splits import SPLITS
+
+    actions = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
+
+    data = actions.add_parser("data", help="write the world's splits as records, images and masks")
+    data.add_argument("--output", required=True, type=Path, help="folder to write (resumes if present)")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--image-size", type=int, default=64)
+    for split in SPLITS:
+        data.add_argument(f"--{split.name.replace('_', '-')}-size", type=int, default=split.size,
+                          dest=f"size_{split.name}", help=f"records in {split.name} (default {split.size})")
+    data.add_argument("--splits", nargs="+", default=None, help="only these splits (default: all)")
+
+    from lavender.toy.dm import DMConfig
+
+    defaults = DMConfig()
+    dm = actions.add_parser("pretrain-dm", help="train the small text-to-image diffusion model (SD-1.x layout)")
+    dm.add_argument("--data", required=True, type=Path, help="a world folder written by `lavender toy data`")
+    dm.add_argument("--output", required=True, type=Path)
+    dm.add_argument("--steps", type=int, default=defaults.steps)
+    dm.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    dm.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    dm.add_argument("--seed", type=int, default=defaults.seed)
+    dm.add_argument("--channels", type=int, nargs="+", default=list(defaults.block_out_channels),
+                    help="UNet block widths (three: full, 1/2 and 1/4 resolution)")
+    dm.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
+    dm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+
+    quality = actions.add_parser("dm-quality", help="pointing accuracy of the diffusion model's per-word maps")
+    quality.add_argument("--model", required=True, type=Path, help="a folder written by pretrain-dm")
+    quality.add_argument("--data", required=True, type=Path, help="the world folder")
+    quality.add_argument("--split", default="val", help="split to score (default val: never a test split)")
+    quality.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    quality.add_argument("--timesteps", type=int, nargs="+", default=None, help="teacher timesteps")
+    quality.add_argument("--resolutions", type=int, nargs="+", default=None, help="attention resolutions to keep")
+    quality.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
+    quality.add_argument("--device", default="auto")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.toy_command == "data":
+        return _data(args)
+    if args.toy_command == "pretrain-dm":
+        return _pretrain_dm(args)
+    if args.toy_command == "dm-quality":
+        return _dm_quality(args)
+    raise AssertionError(args.toy_command)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from lavender.toy.splits import SPLIT_NAMES, write_world
+
+    sizes = {name: getattr(args, f"size_{name}") for name in SPLIT_NAMES}
+    manifest = write_world(args.output, seed=args.seed, sizes=sizes, image_size=args.image_size,
+                           splits=tuple(args.splits or SPLIT_NAMES))
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()))
+    return 0
+
+
+def _pretrain_dm(args: argparse.Namespace) -> int:
+    from lavender.toy.dm import DMConfig, train
+
+    config = DMConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        block_out_channels=tuple(args.channels),
+        text_hidden=args.text_hidden,
+    )
+    summary = train(args.data, args.output, config, device=args.device)
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    return 0
+
+
+def _dm_quality(args: argparse.Namespace) -> int:
+    from lavender.toy.dm import resolve_device
+    from lavender.toy.quality import format_table, measure
+
+    settings = {}
+    if args.timesteps:
+        settings["timesteps"] = tuple(args.timesteps)
+    if args.resolutions:
+        settings["resolutions"] = tuple(args.resolutions)
+    result = measure(args.model, args.data, split=args.split, limit=args.limit,
+                     device=str(resolve_device(args.device)), **settings)
+    print(format_table(result))
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

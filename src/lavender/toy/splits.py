@@ -1,0 +1,164 @@
+"""The world's splits, written as records that :func:`lavender.records.read_records` reads.
+
+Scene ``i`` of split ``s`` is drawn from ``numpy.random.default_rng([seed, code(s), i])``:
+splits are disjoint by seed, and a split's content depends only on the seed and its size.
+
+Layout of a world folder::
+
+    world.json                      seed, sizes, vocabulary, held-out pairs
+    <split>.jsonl                   one record per line (see docs/toy.md)
+    images/<split>/<id>.png         the scene, RGB
+    masks/<split>/<id>_o<k...>.png  a word's referents: the union of objects k..., 0/255 grey
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lavender.toy.texts import caption, make_question, vocabulary
+from lavender.toy.world import HELD_OUT_PAIRS, OOD_BACKGROUNDS, OOD_SCALE, SceneConfig, render, sample_scene
+
+CAPTION_QUESTION = "Describe the image."
+WORLD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    code: int  # the split's part of every scene seed: never reuse one
+    size: int
+    questions: bool  # False: caption records, for the diffusion model
+    ood: bool = False
+
+    def scene_config(self, image_size: int) -> SceneConfig:
+        if self.ood:
+            return SceneConfig(size=image_size, backgrounds=OOD_BACKGROUNDS, scale=OOD_SCALE, held_out="require")
+        return SceneConfig(size=image_size)
+
+
+SPLITS: tuple[Split, ...] = (
+    Split("dm_pretrain", 1, 20000, questions=False),
+    Split("vlm_pretrain", 2, 8000, questions=True),
+    Split("sft", 3, 1500, questions=True),
+    Split("val", 4, 300, questions=True),
+    Split("test_id", 5, 600, questions=True),
+    Split("test_ood", 6, 600, questions=True, ood=True),
+)
+SPLIT_NAMES = tuple(split.name for split in SPLITS)
+TRAINING_SPLITS = ("dm_pretrain", "vlm_pretrain", "sft", "val")
+
+
+def scene_rng(seed: int, split: Split, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, split.code, index])
+
+
+def make_record(seed: int, split: Split, index: int, image_size: int = 64) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """One record (without file paths), its pixels and its object masks."""
+    rng = scene_rng(seed, split, index)
+    config = split.scene_config(image_size)
+    scene = sample_scene(rng, config)
+    pixels, masks = render(scene)
+    record = {"id": f"{split.name}-{index:06d}", "split": split.name, "caption": caption(scene)}
+    if split.questions:
+        question = make_question(scene, rng, config)
+        record |= {
+            "question": question.text,
+            "answer": question.answer,
+            "question_type": question.question_type,
+            "referents": {word: sorted(objects) for word, objects in question.referents.items()},
+        }
+    else:
+        record |= {"question": CAPTION_QUESTION, "answer": record["caption"], "question_type": "caption"}
+    record["scene"] = scene.to_dict()
+    return record, pixels, masks
+
+
+def write_split(output: Path, seed: int, split: Split, image_size: int = 64, progress: bool = True) -> Path:
+    """Write one split's images, masks and JSONL; the JSONL appears last, atomically."""
+    from tqdm import tqdm
+
+    image_dir, mask_dir = output / "images" / split.name, output / "masks" / split.name
+    image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in tqdm(range(split.size), desc=split.name, disable=not progress, leave=False):
+        record, pixels, masks = make_record(seed, split, index, image_size)
+        image_path = image_dir / f"{record['id']}.png"
+        Image.fromarray(pixels).save(image_path)
+        record["image"] = image_path.relative_to(output).as_posix()
+        record["masks"] = {}
+        for word, objects in record.pop("referents", {}).items():
+            name = f"{record['id']}_o{''.join(map(str, objects))}.png"
+            if not (mask_dir / name).exists():
+                union = np.logical_or.reduce([masks[k] for k in objects])
+                Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(mask_dir / name)
+            record["masks"][word] = (mask_dir / name).relative_to(output).as_posix()
+        lines.append(json.dumps(_ordered(record)))
+    path = output / f"{split.name}.jsonl"
+    _write_atomically(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _ordered(record: dict) -> dict:
+    """The reader's fields first, so a line reads well."""
+    first = ("id", "image", "question", "answer", "question_type", "split", "caption", "masks")
+    return {key: record[key] for key in first if key in record} | {k: v for k, v in record.items() if k not in first}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def write_world(
+    output: str | Path,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    image_size: int = 64,
+    splits: tuple[str, ...] = SPLIT_NAMES,
+    progress: bool = True,
+) -> dict:
+    """Write the chosen splits of the world under ``output``; returns the manifest.
+
+    A split whose JSONL already exists for the same seed, size and image size is skipped,
+    so an interrupted run resumes.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    sizes = sizes or {}
+    unknown = set(sizes) - set(SPLIT_NAMES) | set(splits) - set(SPLIT_NAMES)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; the world has {list(SPLIT_NAMES)}")
+    manifest_path = output / "world.json"
+    previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if previous and (previous.get("seed"), previous.get("image_size")) != (seed, image_size):
+        raise ValueError(
+            f"{output} holds a world with seed {previous.get('seed')} and image size {previous.get('image_size')}; "
+            f"write seed {seed}, image size {image_size} to an empty folder"
+        )
+    written = dict(previous.get("splits", {}))
+    for split in SPLITS:
+        if split.name not in splits:
+            continue
+        split = Split(split.name, split.code, sizes.get(split.name, split.size), split.questions, split.ood)
+        if written.get(split.name) == split.size and (output / f"{split.name}.jsonl").exists():
+            continue
+        write_split(output, seed, split, image_size, progress)
+        written[split.name] = split.size
+        manifest = {
+            "version": WORLD_VERSION,
+            "seed": seed,
+            "image_size": image_size,
+            "splits": written,
+            "held_out_pairs": sorted(HELD_OUT_PAIRS),
+            "vocabulary": vocabulary(),
+        }
+        _write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return json.loads(manifest_path.read_text())

@@ -1,0 +1,298 @@
+"""Training samples: a record in the model's own chat template, its labels, and its words' targets.
+
+The sequence is ``processor.apply_chat_template`` applied to the record, so the model is tuned on
+the prompt format it will be asked in. Everything else is located in that rendered string by
+character spans:
+
+* labels: only the assistant turns (their content and the template's end-of-turn marker);
+* words: the question and/or answer text (``att_text``) split with :func:`lavender.words.split_words`;
+  a word's query positions are its own tokens, found through the tokenizer's offsets.
+
+Offsets come from tokenising the rendered string as is (one image placeholder token). Processors
+then expand that placeholder into N image tokens (LLaVA, Qwen2-VL), so positions are carried over
+to the model's ``input_ids`` by walking both sequences and stepping over each image-token run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lavender.images import ImageError, load_image
+from lavender.records import Record
+from lavender.words import Word, split_words, tokens_of_words
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+BATCH_KEYS = ("lavender_query_positions", "lavender_word_rows", "lavender_targets", "lavender_word_mask")
+COUNTS_KEY = "lavender_counts"  # (3,): matched words, missing words, skipped records
+COUNT_NAMES = ("words_matched", "words_missing", "records_skipped")
+EXAMPLES_KEY = "lavender_examples"  # per sample: id, image and word keys, for the figures
+
+
+@dataclass
+class Example:
+    """What a figure needs of a sample (not tensors: the Trainer passes them through untouched)."""
+
+    record_id: str
+    image: Image.Image
+    keys: list[str]
+
+
+class SampleError(ValueError):
+    """A record cannot become a training sample; the message names it and says why."""
+
+
+@dataclass
+class Sample:
+    """One record ready for the collator: text, image, where labels and words sit, their targets."""
+
+    record_id: str
+    prompt: str
+    image: Image.Image
+    supervised: list[tuple[int, int]]  # character spans of the assistant turns
+    words: list[list[Word]]  # per matched word key: its occurrences, spans in ``prompt``
+    targets: np.ndarray  # (W, R, R), one per entry of ``words``
+    words_missing: int = 0
+    records_skipped: int = 0  # unreadable records passed over to reach this one
+    keys: list[str] = field(default_factory=list)
+
+
+def _messages(record: Record) -> list[dict[str, Any]]:
+    """The record as chat messages; the image goes at the start of the first user turn."""
+    messages, image_placed = [], False
+    for turn in record.turns:
+        content: list[dict[str, str]] = []
+        if turn.role == "user" and not image_placed:
+            content.append({"type": "image"})
+            image_placed = True
+        content.append({"type": "text", "text": turn.text})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
+    """The chat-templated prompt, the assistant spans (labels) and each side's text spans.
+
+    Turn boundaries come from rendering growing prefixes of the conversation: the assistant's part
+    starts where the prefix with ``add_generation_prompt`` ends and runs to the end of the prefix
+    that includes the turn, end-of-turn marker included.
+    """
+    messages = _messages(record)
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    supervised: list[tuple[int, int]] = []
+    sides: dict[str, list[tuple[int, int]]] = {"question": [], "answer": []}
+    cursor = 0
+    for index, turn in enumerate(record.turns):
+        position = prompt.find(turn.text, cursor) if turn.text else cursor
+        if position < 0:
+            raise SampleError(
+                f"record {record.id!r}: the chat template changed the text of turn {index} "
+                f"({turn.text[:40]!r}...); cannot locate its words"
+            )
+        end = position + len(turn.text)
+        if turn.role == "assistant":
+            before = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+            through = processor.apply_chat_template(messages[: index + 1], tokenize=False)
+            if prompt.startswith(through) and before == prompt[: len(before)] and len(before) <= position:
+                supervised.append((len(before), len(through)))
+            else:  # a template whose prefixes are not prefixes: supervise the content alone
+                supervised.append((position, end))
+        # the first user turn and the first assistant turn are the record's question and answer
+        side = "question" if turn.role == "user" else "answer"
+        if not sides[side] and turn.text:
+            sides[side].append((position, end))
+        cursor = end
+    return prompt, supervised, sides
+
+
+class LavenderDataset(torch.utils.data.Dataset):
+    """Records + the target store → :class:`Sample` s.
+
+    A record whose image cannot be read (or whose text the template cannot place) is skipped with
+    a warning naming it, and the next record is used in its place; the skip is counted in the
+    sample so it reaches the logs. With ``strict`` the first such record stops training.
+    """
+
+    def __init__(self, records: Sequence[Record], store, processor, att_text: str = "answer", strict: bool = False):
+        self.records = list(records)
+        self.store = store
+        self.processor = processor
+        self.sides = ("question", "answer") if att_text == "both" else (att_text,)
+        self.strict = strict
+        self._known_ids = set(store.ids())
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        skipped = 0
+        for offset in range(len(self.records)):
+            record = self.records[(index + offset) % len(self.records)]
+            try:
+                sample = self.prepare(record)
+            except (ImageError, SampleError) as error:
+                if self.strict:
+                    raise SampleError(f"record {record.id!r}: {error} (strict: true)") from error
+                if record.id not in self._warned:
+                    logger.warning("skipping record %r: %s", record.id, error)
+                    self._warned.add(record.id)
+                skipped += 1
+                continue
+            sample.records_skipped = skipped
+            return sample
+        raise SampleError("no record of the training file could be read (see the warnings above)")
+
+    def prepare(self, record: Record) -> Sample:
+        try:
+            image = load_image(record.image)
+        except ImageError as error:
+            raise ImageError(f"record {record.id!r}: {error}") from None
+        prompt, supervised, spans = render(self.processor, record)
+        targets = self.store.get(record.id) if record.id in self._known_ids else {}
+        occurrences: dict[str, list[Word]] = {}
+        missing = 0
+        for side in self.sides:
+            for start, end in spans[side]:
+                for word in split_words(prompt[start:end]):
+                    if word.key in targets:
+                        occurrences.setdefault(word.key, []).append(
+                            Word(word.text, word.start + start, word.end + start)
+                        )
+                    else:
+                        missing += 1
+        keys = list(occurrences)
+        resolution = getattr(self.store, "resolution", None) or 1
+        maps = (
+            np.stack([np.asarray(targets[key], dtype=np.float32) for key in keys])
+            if keys
+            else np.zeros((0, resolution, resolution), dtype=np.float32)
+        )
+        return Sample(
+            record_id=record.id,
+            prompt=prompt,
+            image=image,
+            supervised=supervised,
+            words=[occurrences[key] for key in keys],
+            targets=maps,
+            words_missing=missing,
+            keys=keys,
+        )
+
+
+def expand_positions(unexpanded: Sequence[int], expanded: Sequence[int], image_token_id: int) -> list[int]:
+    """For each token of the unexpanded tokenisation, its position in the processor's ``input_ids``.
+
+    The processor replaces each image placeholder by a run of image tokens (possibly of length
+    one); every other token must be identical in both, in order.
+    """
+    positions: list[int] = []
+    j = 0
+    for i, token in enumerate(unexpanded):
+        if j >= len(expanded) or expanded[j] != token:
+            raise SampleError(
+                f"token {i} ({token}) of the prompt is not at position {j} of the processor's input_ids; "
+                "the processor changed the text beyond expanding image tokens"
+            )
+        positions.append(j)
+        j += 1
+        if token == image_token_id:
+            while j < len(expanded) and expanded[j] == image_token_id:
+                j += 1
+    return positions
+
+
+def image_token_id(model_config) -> int:
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(model_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(model_config).__name__} names no image token (image_token_id / image_token_index)")
+
+
+class LavenderCollator:
+    """Batches :class:`Sample` s into model inputs plus the ``lavender_*`` keys.
+
+    The processor tokenises and pads the whole batch (right padding, so positions are those of the
+    unpadded sequence) and lays out each architecture's image inputs.
+    """
+
+    def __init__(self, processor, image_token: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token = image_token
+
+    def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        prompts = [s.prompt for s in samples]
+        batch = self.processor(
+            text=prompts,
+            images=[[s.image] for s in samples],
+            padding=True,
+            padding_side="right",
+            add_special_tokens=False,  # the chat template wrote the special tokens
+            return_tensors="pt",
+        )
+        plain = self.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = batch["input_ids"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        rows_per_sample: list[list[list[int]]] = []
+        for b, sample in enumerate(samples):
+            length = int(batch["attention_mask"][b].sum())
+            where = expand_positions(plain["input_ids"][b], input_ids[b, :length].tolist(), self.image_token)
+            offsets = plain["offset_mapping"][b]
+            for token, (start, end) in enumerate(offsets):
+                if end > start and any(start < high and end > low for low, high in sample.supervised):
+                    labels[b, where[token]] = input_ids[b, where[token]]
+            per_word = []
+            for occurrences in sample.words:
+                tokens = sorted({t for group in tokens_of_words(offsets, occurrences) for t in group})
+                per_word.append([where[t] for t in tokens])
+            rows_per_sample.append(per_word)
+        batch["labels"] = labels
+        batch.update(_word_tensors(samples, rows_per_sample))
+        batch[EXAMPLES_KEY] = [Example(s.record_id, s.image, s.keys) for s in samples]
+        return dict(batch)
+
+
+def _word_tensors(samples: list[Sample], rows_per_sample: list[list[list[int]]]) -> dict[str, torch.Tensor]:
+    """Query positions (the union of the words' tokens), word → row indices, targets, mask, counts."""
+    batch = len(samples)
+    queries = [sorted({p for rows in per_word for p in rows}) for per_word in rows_per_sample]
+    max_q = max(1, max(len(q) for q in queries))
+    max_w = max(1, max(len(s.words) for s in samples))
+    max_p = max(1, max((len(rows) for per_word in rows_per_sample for rows in per_word), default=1))
+    resolution = next((s.targets.shape[-1] for s in samples if s.targets.size), samples[0].targets.shape[-1] or 1)
+
+    query_positions = torch.full((batch, max_q), -1, dtype=torch.long)
+    word_rows = torch.full((batch, max_w, max_p), -1, dtype=torch.long)
+    targets = torch.zeros(batch, max_w, resolution, resolution)
+    word_mask = torch.zeros(batch, max_w, dtype=torch.bool)
+    matched = 0
+    for b, (sample, per_word) in enumerate(zip(samples, rows_per_sample)):
+        index = {position: row for row, position in enumerate(queries[b])}
+        query_positions[b, : len(queries[b])] = torch.tensor(queries[b], dtype=torch.long)
+        for w, rows in enumerate(per_word):
+            if not rows:  # the word's tokens were not found (cannot happen without truncation)
+                continue
+            word_rows[b, w, : len(rows)] = torch.tensor([index[p] for p in rows])
+            targets[b, w] = torch.from_numpy(sample.targets[w])
+            word_mask[b, w] = True
+            matched += 1
+    counts = torch.tensor(
+        [matched, sum(s.words_missing for s in samples), sum(s.records_skipped for s in samples)],
+        dtype=torch.float32,
+    )
+    return {
+        "lavender_query_positions": query_positions,
+        "lavender_word_rows": word_rows,
+        "lavender_targets": targets,
+        "lavender_word_mask": word_mask,
+        COUNTS_KEY: counts,
+    }

@@ -1,0 +1,178 @@
+"""From a :class:`TrainConfig` to a ready :class:`LavenderTrainer`, every check done before step 0.
+
+Order: the target store (cheap, most often wrong), the model and its architecture, LoRA, the
+records, then one real batch through the collator, so a template or resolution problem surfaces
+now and not an hour into the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from lavender.training.config import ConfigError, TrainConfig, lora_target_regex
+
+logger = logging.getLogger(__name__)
+
+
+def open_targets(config: TrainConfig):
+    from lavender.teacher.store import open_store
+
+    args = config.lavender
+    try:
+        store = open_store(args.targets_dir)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    if len(store) == 0:
+        raise ConfigError(f"targets_dir {args.targets_dir} holds no maps yet (is `lavender targets` still running?)")
+    if args.att_resolution is not None and args.att_resolution != store.resolution:
+        raise ConfigError(
+            f"the targets in {args.targets_dir} are {store.resolution}×{store.resolution} maps but att_resolution is "
+            f"{args.att_resolution}; re-run `lavender targets --resolution {args.att_resolution}` or drop att_resolution"
+        )
+    stored_side = store.metadata.get("settings", {}).get("text")
+    wanted = {"question", "answer"} if args.att_text == "both" else {args.att_text}
+    if stored_side is not None:
+        have = {"question", "answer"} if stored_side == "both" else {stored_side}
+        if not wanted <= have:
+            raise ConfigError(
+                f"att_text is {args.att_text!r} but the targets in {args.targets_dir} were made from the "
+                f"{stored_side!r} text; set att_text: {stored_side} or re-run `lavender targets --text {args.att_text}`"
+            )
+    return store
+
+
+def load_model(config: TrainConfig):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    args = config.lavender
+    path = args.model_name_or_path
+    if not Path(path).exists():
+        raise ConfigError(f"model_name_or_path {path} is not a local folder (this tool loads local checkpoints)")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation)
+    return model, processor
+
+
+def build_trainer(config: TrainConfig):
+    """Everything ``lavender train`` needs, checked; raises :class:`ConfigError` on a bad setup."""
+    from lavender.alignment import AlignmentHead, AttentionWeight
+    from lavender.records import RecordError, read_records
+    from lavender.student import AttentionCapture
+    from lavender.student.adapters import get_adapter
+    from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
+    from lavender.training.trainer import HEAD_NAME, LavenderTrainer
+
+    args, training = config.lavender, config.training
+    store = open_targets(config)
+    model, processor = load_model(config)
+    try:
+        get_adapter(model)
+    except (KeyError, ValueError) as error:
+        raise ConfigError(f"{args.model_name_or_path}: {error}") from None
+    try:
+        capture = AttentionCapture(model, layers=args.att_layers)
+    except ValueError as error:
+        raise ConfigError(f"att_layers: {error}") from None
+
+    heads = model.config.get_text_config().num_attention_heads
+    head = AlignmentHead(heads, args.aggregation, args.aligner, args.att_normalization, args.aligner_hidden)
+    model.add_module(HEAD_NAME, head)
+    if args.use_peft:
+        model = _with_lora(model, config)
+        head.requires_grad_(True)
+
+    try:
+        records = read_records(args.train_file, args.image_root)
+    except RecordError as error:
+        raise ConfigError(str(error)) from None
+    if not records:
+        raise ConfigError(f"train_file {args.train_file} holds no records")
+    without_maps = sum(record.id not in store for record in records)
+    if without_maps == len(records):
+        raise ConfigError(
+            f"no record of {args.train_file} has maps in {args.targets_dir}: were they made from another file?"
+        )
+    if without_maps:
+        logger.warning("%d of %d records have no teacher maps; they train with L_LM only", without_maps, len(records))
+
+    dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
+    collator = LavenderCollator(processor, image_token_id(model.config))
+    collator([dataset[0]])  # one real batch: template, tokenizer and targets agree
+
+    decay_steps = args.att_weight_decay_steps or max(training.max_steps, 1)
+    return LavenderTrainer(
+        model=model,
+        args=training,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        capture=capture,
+        head=head,
+        resolution=store.resolution,
+        att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, decay_steps),
+        aligner_warmup_steps=args.aligner_warmup_steps,
+        att_every_n_steps=args.att_every_n_steps,
+    )
+
+
+def _with_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    args = config.lavender
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=lora_target_regex(args.lora_target_modules),
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # PEFT: "Target modules ... not found in the base model"
+        raise ConfigError(
+            f"lora_target_modules {args.lora_target_modules!r} matches no module of {args.model_name_or_path}: {error}"
+        ) from None
+
+
+def train(config: TrainConfig) -> Path:
+    """Train and write the output folder; returns it.
+
+    The folder is what ``lavender eval`` takes: with LoRA, the adapter (loads with transformers +
+    peft) or, with ``save_merged``, merged weights (plain transformers) and the adapter in
+    ``adapter/``; the processor; ``lavender_head.safetensors`` (the aligner); ``lavender_train.yaml``.
+    """
+    import yaml
+
+    trainer = build_trainer(config)
+    output = Path(config.training.output_dir)
+    resume = config.training.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    if trainer.args.should_save:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "lavender_train.yaml").write_text(yaml.safe_dump(config.source, sort_keys=True))
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.capture.close()  # the saved config names the model's own attention, not the capture's
+
+    if config.lavender.use_peft and config.lavender.save_merged:
+        from lavender.training.trainer import save_head
+
+        trainer.save_model(str(output / "adapter"))
+        if trainer.args.should_save:
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            merged.save_pretrained(output, state_dict=_without_head(merged.state_dict()))
+            trainer.processing_class.save_pretrained(output)
+            save_head(trainer.head, output)
+    else:
+        trainer.save_model(str(output))
+    if trainer.args.should_save:
+        trainer.save_state()
+    return output
+
+
+def _without_head(state_dict: dict) -> dict:
+    from lavender.training.trainer import HEAD_NAME
+
+    return {k: v for k, v in state_dict.items() if HEAD_NAME not in k.split(".")}

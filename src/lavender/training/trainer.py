@@ -1,0 +1,259 @@
+"""``LavenderTrainer``: ``transformers.Trainer`` with the attention alignment loss added.
+
+    L_total = L_LM + λ(t) · L_att
+
+Being a ``Trainer`` brings ``accelerate`` (DDP, FSDP, DeepSpeed), gradient accumulation,
+checkpoints and resume, and the ``report_to`` loggers. What this class adds:
+
+* ``compute_loss`` pops the collator's ``lavender_*`` keys, runs the model inside
+  ``capture.record`` and computes L_att from the captured maps through the alignment head;
+* L_att is normalised like the LM loss: the LM loss is a sum over tokens divided by the number of
+  supervised tokens of the whole accumulated (and, by default, distributed) batch, so L_att is a
+  sum over matched words divided by the number of matched words of that same batch (counted in
+  ``get_batch_samples``, next to the Trainer's own token count);
+* the alignment head (aligner) is a submodule of the model named ``lavender_head``, so DDP
+  reduces its gradients and the optimizer sees it; it is saved to its own safetensors file in
+  every checkpoint and restored on resume, so a resumed run continues the same loss curve;
+* ``lm_loss``, ``att_loss``, ``att_weight`` and the word/record counts go into the log history
+  next to ``loss``; every ``att_every_n_steps`` a figure of teacher vs VLM maps is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from lavender.alignment import AlignmentHead, AttentionWeight, attention_loss
+from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
+
+logger = logging.getLogger(__name__)
+
+HEAD_NAME = "lavender_head"
+HEAD_FILE = "lavender_head.safetensors"
+
+
+def save_head(head: AlignmentHead, directory: str | os.PathLike) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(directory) / HEAD_FILE
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
+    save_file(state, str(path), metadata=head.describe())
+    return path
+
+
+def load_head(directory: str | os.PathLike) -> AlignmentHead:
+    """The trained alignment head saved next to a model (``lavender_head.safetensors``)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(directory) / HEAD_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        description = handle.metadata()
+    head = AlignmentHead.from_description(description)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+class LavenderTrainer(Trainer):
+    """A ``Trainer`` whose loss adds λ·L_att (see the module docstring)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        capture,
+        head: AlignmentHead,
+        resolution: int,
+        att_weight: AttentionWeight,
+        aligner_warmup_steps: int = 0,
+        att_every_n_steps: int = 0,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.capture = capture
+        self.head = head
+        self.resolution = resolution
+        self.att_weight = att_weight
+        self.aligner_warmup_steps = aligner_warmup_steps
+        self.att_every_n_steps = att_every_n_steps
+        self._words_in_batch: torch.Tensor | None = None
+        self._running = self._zero_running()
+        self._steps_at_last_log = 0
+        self._last_figure_step = -1
+
+    # ---- loss ---------------------------------------------------------------------------------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # matched words of the whole accumulated batch (all processes): L_att's denominator
+        words = sum(
+            (batch["lavender_word_mask"].sum() for batch in batch_samples if "lavender_word_mask" in batch),
+            torch.tensor(0),
+        ).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            words = self.accelerator.gather(words.reshape(1)).sum()
+        self._words_in_batch = words
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "lavender_word_mask" not in inputs:  # a plain batch (e.g. evaluation without targets)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        query_positions, word_rows, targets, word_mask = (inputs.pop(key) for key in BATCH_KEYS)
+        counts = inputs.pop(COUNTS_KEY)
+        examples = inputs.pop(EXAMPLES_KEY)
+
+        with self.capture.record(query_positions):
+            lm_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        image_sizes = [(example.image.height, example.image.width) for example in examples]
+        maps = self.capture.maps(inputs, size=self.resolution, image_sizes=image_sizes)  # (B, L, H, Q, R, R)
+
+        # rows that cannot see the image (padding; Mllama text before <|image|>) give no map
+        visible = torch.gather(self.capture.query_mask, 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
+        word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
+        word_mask = word_mask & (word_rows >= 0).any(dim=-1)
+
+        step = self.state.global_step
+        predicted = self.head(maps, word_rows, word_mask, detach_maps=step < self.aligner_warmup_steps)
+        per_word = attention_loss(predicted, targets[word_mask].to(predicted.dtype))
+        # the zero term keeps the head in the graph when no word matched, so DDP's reduction of its
+        # gradients never waits on a process that had nothing to align
+        att_sum = per_word.sum() + sum(p.sum() for p in self.head.parameters()) * 0.0
+        att_loss = att_sum / self._att_denominator(word_mask) * self._att_scale(num_items_in_batch)
+        weight = self.att_weight(step)
+        loss = lm_loss + weight * att_loss
+
+        self._accumulate(lm_loss, att_loss, weight, counts, num_items_in_batch)
+        if self._figure_due(step):
+            self._save_figure(step, examples[0], predicted.detach(), targets[word_mask], word_mask)
+        return (loss, outputs) if return_outputs else loss
+
+    def _att_denominator(self, word_mask: torch.Tensor) -> torch.Tensor:
+        if self._words_in_batch is None or not self.model.training:
+            return word_mask.sum().clamp_min(1)
+        return self._words_in_batch.to(word_mask.device).clamp_min(1)
+
+    def _att_scale(self, num_items_in_batch) -> float:
+        """What the Trainer will undo, applied to L_att as it is to L_LM.
+
+        A loss normalised over the whole batch is multiplied by the number of processes (DDP
+        averages gradients); a per-micro-batch loss is divided by the accumulation steps by the
+        Trainer, which L_att, already normalised over the accumulated batch, must not suffer.
+        """
+        if not self.model.training:
+            return 1.0
+        scale = 1.0
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            scale *= self.accelerator.num_processes
+        if not self._lm_loss_is_scaled(num_items_in_batch):
+            scale *= self.current_gradient_accumulation_steps
+        return scale
+
+    def _lm_loss_is_scaled(self, num_items_in_batch) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    # ---- logging --------------------------------------------------------------------------------
+
+    def _zero_running(self) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros(()) for name in ("lm_loss", "att_loss", *COUNT_NAMES)}
+
+    def _accumulate(self, lm_loss, att_loss, weight, counts, num_items_in_batch) -> None:
+        """Per optimizer step, the same sums the Trainer forms for ``loss``."""
+        if not self.model.training:
+            return
+        per_step = 1.0 if self._lm_loss_is_scaled(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        self._running["lm_loss"] += lm_loss.detach().float().cpu() * per_step
+        self._running["att_loss"] += att_loss.detach().float().cpu() * per_step
+        for name, value in zip(COUNT_NAMES, counts.detach().float().cpu()):
+            self._running[name] += value
+        self._att_weight_now = weight
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            steps = max(self.state.global_step - self._steps_at_last_log, 1)
+            device = self.args.device
+            stacked = torch.stack([self._running[name] for name in ("lm_loss", "att_loss", *COUNT_NAMES)]).to(device)
+            gathered = self.accelerator.gather(stacked.reshape(1, -1)).reshape(-1, stacked.numel())
+            means, sums = gathered.mean(dim=0) / steps, gathered.sum(dim=0)
+            logs["lm_loss"] = round(means[0].item(), 6)
+            logs["att_loss"] = round(means[1].item(), 6)
+            logs["att_weight"] = getattr(self, "_att_weight_now", self.att_weight(self.state.global_step))
+            for index, name in enumerate(COUNT_NAMES, start=2):
+                logs[name] = int(sums[index].item())
+            self._running = self._zero_running()
+            self._steps_at_last_log = self.state.global_step
+        super().log(logs, start_time)
+
+    # ---- figures --------------------------------------------------------------------------------
+
+    def _figure_due(self, step: int) -> bool:
+        return (
+            self.att_every_n_steps > 0
+            and step % self.att_every_n_steps == 0
+            and step != self._last_figure_step
+            and self.model.training
+            and self.args.should_save
+        )
+
+    def _save_figure(self, step: int, example: Example, predicted, targets, word_mask) -> None:
+        """The batch's first sample: its image, the teacher's maps and the VLM's (after the aligner)."""
+        from lavender.figures import plot_word_maps
+
+        self._last_figure_step = step
+        # masked words are flattened sample by sample, so the first sample's come first, in order
+        keys = [key for key, kept in zip(example.keys, word_mask[0].tolist()) if kept]
+        if not keys:
+            return
+        teacher = targets[: len(keys)].float().cpu().numpy()
+        vlm = predicted[: len(keys)].float().cpu().numpy()
+        path = Path(self.args.output_dir) / "figures" / f"maps_step_{step:07d}_{example.record_id}.png"
+        rows = {"teacher": dict(zip(keys, teacher)), "VLM": dict(zip(keys, vlm))}
+        plot_word_maps(example.image, rows, path)
+        self._report_figure(path, step)
+
+    def _report_figure(self, path: Path, step: int) -> None:
+        """Hand the figure to the loggers that take images (TensorBoard, Weights & Biases)."""
+        from transformers.integrations import TensorBoardCallback, WandbCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
+                import numpy as np
+                from PIL import Image
+
+                pixels = np.asarray(Image.open(path).convert("RGB"))
+                callback.tb_writer.add_image("lavender/maps", pixels, step, dataformats="HWC")
+            elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:
+                if callback._wandb.run is not None:
+                    callback._wandb.log({"lavender/maps": callback._wandb.Image(str(path))}, commit=False)
+
+    # ---- saving and resuming ----------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if state_dict is None:
+            state_dict = unwrapped.state_dict()
+        # the head has its own file; the model's weights stay loadable by plain transformers
+        state_dict = {k: v for k, v in state_dict.items() if HEAD_NAME not in k.split(".")}
+        super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            save_head(self.head, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / HEAD_FILE
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {HEAD_FILE}: it was not written by `lavender train`, "
+                "so the aligner cannot be restored"
+            )
+        from safetensors.torch import load_file
+
+        self.head.load_state_dict(load_file(str(path)))

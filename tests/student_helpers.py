@@ -1,0 +1,47 @@
+"""Batches for the student tests: real processors, tiny real models, two samples with different
+image shapes and left padding, so masks, padding rows and per-sample layouts all matter."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from lavender.tiny.vlm import build_tiny_vlm
+
+KINDS = ("llava", "mllama", "qwen2_vl")
+
+CONVERSATIONS = [
+    ("what is this?", "a red cube"),
+    ("describe the picture in a few words", "two people walking on a beach"),
+]
+
+
+def noise_image(width: int, height: int, seed: int) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def make_batch(kind: str, processor, images: list[Image.Image], conversations=CONVERSATIONS) -> dict:
+    texts = [
+        processor.apply_chat_template(
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": answer},
+            ]
+        )
+        for question, answer in conversations[: len(images)]
+    ]
+    processor.tokenizer.padding_side = "left"
+    nested = [[image] for image in images] if kind == "mllama" else images
+    return dict(processor(images=nested, text=texts, return_tensors="pt", padding=True))
+
+
+def tiny_batch(kind: str, seed: int = 0):
+    """``(model, inputs, query_positions)``: rows of the answer, one padding row (-1) and, in the
+    second sample, rows before the image."""
+    model, processor = build_tiny_vlm(kind, seed)
+    inputs = make_batch(kind, processor, [noise_image(100, 60, 1), noise_image(60, 130, 2)])
+    length = inputs["input_ids"].shape[1]
+    positions = torch.tensor([[length - 1, length - 3, length - 5, -1], [length - 2, 0, length - 4, 1]])
+    return model, inputs, positions

@@ -1,0 +1,197 @@
+"""Aggregations, aligners, normalisation and loss against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lavender.alignment import (
+    AGGREGATIONS,
+    ALIGNERS,
+    AlignmentHead,
+    AttentionWeight,
+    ParallelTextImageAttention,
+    attention_loss,
+    build_aligner,
+    normalize_maps,
+    word_maps,
+)
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        # 3×3 convs without bias (9·32·32 each) + 1×1 conv 32→1 with bias (33)
+        ("sim", 3 * 9 * 32 * 32 + 33),  # 27,681: the authors' count for 32 heads
+        ("light", 2 * 9 * 32 * 32 + 33),
+        ("deep", 5 * 9 * 32 * 32 + 33),  # 46,113: all five blocks
+        ("none", 0),
+    ],
+)
+def test_aligner_parameter_counts_for_32_heads(name, expected):
+    assert _count(build_aligner(name, 32)) == expected
+
+
+def test_sim_aligner_layout_matches_the_authors():
+    aligner = build_aligner("sim", 8)
+    kinds = [type(m).__name__ for m in aligner]
+    assert kinds == ["Conv2d", "InstanceNorm2d", "ReLU6"] * 3 + ["Conv2d"]
+    assert all(not m.affine for m in aligner if isinstance(m, nn.InstanceNorm2d))
+    assert aligner[-1].kernel_size == (1, 1) and aligner[-1].bias is not None
+    assert aligner(torch.rand(5, 8, 6, 6)).shape == (5, 1, 6, 6)
+
+
+def test_deep_aligner_skips_norm_on_its_last_two_expansions():
+    kinds = [type(m).__name__ for m in build_aligner("deep", 4)]
+    assert kinds == (
+        ["Conv2d", "InstanceNorm2d", "ReLU6"] * 2 + ["Conv2d", "ReLU6"] * 2 + ["Conv2d", "InstanceNorm2d", "ReLU6", "Conv2d"]
+    )
+
+
+def test_unknown_aligner_lists_the_choices():
+    with pytest.raises(ValueError, match="light.*none.*sim"):
+        build_aligner("simm", 4)
+
+
+class _Pick(nn.Module):
+    """A stand-in aligner with a known answer: channel ``index`` of its input."""
+
+    def __init__(self, index: int = 0):
+        super().__init__()
+        self.index = index
+
+    def forward(self, maps):
+        return maps[:, self.index : self.index + 1]
+
+
+def _maps():
+    # N=1 word, L=2 layers, H=2 heads, 2×2 maps with distinct hand-checkable values
+    layer0 = [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 0.0], [0.0, 1.0]]]
+    layer1 = [[[3.0, 0.0], [1.0, 2.0]], [[1.0, 6.0], [2.0, 0.0]]]
+    return torch.tensor([[layer0, layer1]])
+
+
+@pytest.mark.parametrize(
+    "name, aligner, expected",
+    [
+        # aligner per layer (head 0), then over layers
+        ("mean", _Pick(0), [[2.0, 1.0], [2.0, 3.0]]),
+        ("max", _Pick(0), [[3.0, 2.0], [3.0, 4.0]]),
+        ("max", _Pick(1), [[5.0, 6.0], [2.0, 1.0]]),
+        # over layers first, then the aligner (head 1)
+        ("mean_before", _Pick(1), [[3.0, 3.0], [1.0, 0.5]]),
+        ("max_before", _Pick(1), [[5.0, 6.0], [2.0, 1.0]]),
+        # heads and layers first: one channel left
+        ("meanmean", _Pick(0), [[2.5, 2.0], [1.5, 1.75]]),
+        ("maxmax", _Pick(0), [[5.0, 6.0], [3.0, 4.0]]),
+        # attention flow per head across layers
+        ("flow", _Pick(0), [[3.0, 0.0], [3.0, 8.0]]),
+        ("flow", _Pick(1), [[5.0, 0.0], [0.0, 0.0]]),
+        ("flow_sum", _Pick(0), [[4.0, 2.0], [4.0, 6.0]]),
+    ],
+)
+def test_aggregations_on_a_hand_computed_case(name, aligner, expected):
+    out = AGGREGATIONS[name](_maps(), aligner)
+    torch.testing.assert_close(out, torch.tensor([expected]))
+
+
+def test_none_aligner_averages_heads():
+    out = AGGREGATIONS["mean"](_maps(), build_aligner("none", 2))
+    # per layer mean over heads, then mean over layers
+    expected = (_maps().mean(dim=2)).mean(dim=1)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATIONS))
+def test_every_aggregation_feeds_the_sim_aligner(name):
+    aggregation = AGGREGATIONS[name]
+    aligner = build_aligner("sim", aggregation.aligner_channels(4))
+    out = aggregation(torch.rand(3, 2, 4, 8, 8), aligner)
+    assert out.shape == (3, 8, 8)
+
+
+def test_minmax_normalisation_per_map():
+    maps = torch.tensor([[[1.0, 3.0], [2.0, 5.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    out = normalize_maps(maps)
+    torch.testing.assert_close(out[0], torch.tensor([[0.0, 0.5], [0.25, 1.0]]), atol=1e-5, rtol=0)
+    assert torch.equal(out[1], torch.zeros(2, 2))  # a flat map stays finite (eps)
+
+
+def test_sum_normalisation_gives_distributions():
+    out = normalize_maps(torch.rand(3, 4, 4), "sum")
+    torch.testing.assert_close(out.sum(dim=(-1, -2)), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_attention_loss_is_per_word_mse():
+    predicted = torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    targets = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+    torch.testing.assert_close(attention_loss(predicted, targets), torch.tensor([0.5, 0.0]))
+    with pytest.raises(ValueError, match="shape"):
+        attention_loss(predicted, targets[:, :1])
+
+
+def test_attention_weight_constant_and_decay():
+    assert AttentionWeight(10.0)(0) == AttentionWeight(10.0)(1000) == 10.0
+    decayed = AttentionWeight(10.0, decay=1.0, decay_steps=100)
+    assert decayed(0) == 10.0
+    assert math.isclose(decayed(100), 10.0 / math.e)
+    assert math.isclose(decayed(50), 10.0 * math.exp(-0.5))
+
+
+def test_word_maps_average_each_words_rows_in_float64():
+    torch.manual_seed(0)
+    maps = torch.rand(2, 1, 2, 5, 3, 3, dtype=torch.float64)  # B, L, H, Q, R, R
+    rows = torch.tensor([[[0, 2, -1], [4, -1, -1]], [[1, 3, 4], [-1, -1, -1]]])
+    out = word_maps(maps, rows)
+    torch.testing.assert_close(out[0, 0], maps[0, :, :, [0, 2]].mean(dim=2))
+    torch.testing.assert_close(out[0, 1], maps[0, :, :, 4])
+    torch.testing.assert_close(out[1, 0], maps[1, :, :, [1, 3, 4]].mean(dim=2))
+    assert torch.equal(out[1, 1], torch.zeros_like(out[1, 1]))
+
+
+def test_head_gradients_reach_maps_and_aligner_and_detach_stops_them():
+    head = AlignmentHead(heads=4)
+    maps = torch.rand(1, 2, 4, 3, 8, 8, requires_grad=True)
+    rows = torch.tensor([[[0, 1], [2, -1]]])
+    mask = torch.tensor([[True, True]])
+    out = head(maps, rows, mask)
+    assert out.shape == (2, 8, 8)
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    attention_loss(out, torch.rand(2, 8, 8)).sum().backward()
+    assert maps.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+    maps.grad = None
+    head(maps, rows, mask, detach_maps=True).sum().backward()
+    assert maps.grad is None
+
+
+def test_head_rebuilds_from_its_description():
+    head = AlignmentHead(heads=6, aggregation="maxmax", aligner="light")
+    again = AlignmentHead.from_description(head.describe())
+    assert again.describe() == head.describe()
+    assert [p.shape for p in again.parameters()] == [p.shape for p in head.parameters()]
+
+
+def test_parallel_attention_is_a_distribution_over_valid_image_keys():
+    torch.manual_seed(0)
+    branch = ParallelTextImageAttention(hidden_size=16, num_heads=2)
+    text, image = torch.randn(1, 3, 16), torch.randn(1, 5, 16)
+    mask = torch.tensor([[True, True, True, False, True]])
+    probs = branch(text, image, mask)
+    assert probs.shape == (1, 2, 3, 5)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, 3))
+    assert torch.all(probs[..., 3] == 0)
+    # independent float64 recomputation for head 0
+    q = (text @ branch.q_proj.weight.T).double()[0, :, :8]
+    k = (image @ branch.k_proj.weight.T).double()[0, :, :8]
+    scores = q @ k.T / math.sqrt(8)
+    scores[:, 3] = -math.inf
+    torch.testing.assert_close(probs[0, 0].double(), scores.softmax(-1), atol=1e-6, rtol=0)

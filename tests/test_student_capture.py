@@ -1,0 +1,95 @@
+"""AttentionCapture against transformers' own eager attention, on tiny models of the real classes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lavender.student import AttentionCapture, get_adapter
+from student_helpers import KINDS, tiny_batch
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_captured_rows_equal_eager_attention_and_output_is_unchanged(kind):
+    model, inputs, positions = tiny_batch(kind)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+        plain_logits = model(**inputs).logits
+
+    capture = AttentionCapture(model)
+    with capture.record(positions):
+        logits = model(**inputs).logits
+
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
+    assert model.config.vision_config._attn_implementation == "sdpa"  # vision tower untouched
+    recorded = capture._last.probs
+    valid = positions >= 0
+    for layer in capture.layers:
+        eager_rows = torch.stack([reference.attentions[layer][b][:, positions[b].clamp(min=0)] for b in range(2)])
+        got = recorded[layer]
+        assert got.dtype == torch.float32 and got.requires_grad
+        torch.testing.assert_close(got[valid[:, None].expand_as(got[..., 0])], eager_rows[valid[:, None].expand_as(got[..., 0])],
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_maps_shape_grad_and_query_mask(kind):
+    model, inputs, positions = tiny_batch(kind)
+    capture = AttentionCapture(model)
+    with capture.record(positions):
+        model(**inputs)
+    maps = capture.maps(inputs, size=8)
+    batch, queries = positions.shape
+    heads = model.config.text_config.num_attention_heads
+    assert maps.shape == (batch, len(capture.layers), heads, queries, 8, 8)
+    assert maps.dtype == torch.float32 and maps.requires_grad
+    # answer rows see the image; padding (-1) and rows 0/1 of the left-padded second sample do not
+    assert capture.query_mask.tolist() == [[True, True, True, False], [True, False, True, False]]
+
+
+def test_default_layers():
+    model, _, _ = tiny_batch("mllama")
+    assert AttentionCapture(model).layers == model.config.text_config.cross_attention_layers
+    model, _, _ = tiny_batch("llava")
+    assert AttentionCapture(model).layers == [0, 1]  # middle half of 2 layers
+    adapter = get_adapter(model)
+    assert adapter.default_layers(list(range(32))) == list(range(8, 24))
+
+
+def test_layers_that_do_not_exist_are_refused():
+    model, _, _ = tiny_batch("mllama")
+    with pytest.raises(ValueError, match=r"capturable layers: \[1, 3\]"):
+        AttentionCapture(model, layers=[0, 1])
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="llava, mllama, qwen2_vl"):
+        get_adapter(model)
+
+
+def test_two_forwards_in_one_record_are_refused():
+    model, inputs, positions = tiny_batch("llava")
+    capture = AttentionCapture(model)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        with capture.record(positions):
+            model(**inputs)
+            model(**inputs)
+
+
+def test_close_restores_sdpa_and_stops_capturing():
+    model, inputs, positions = tiny_batch("qwen2_vl")
+    capture = AttentionCapture(model)
+    capture.close()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    with capture.record(positions):
+        model(**inputs)
+    with pytest.raises(RuntimeError, match="did not run"):
+        capture.maps(inputs, size=4)

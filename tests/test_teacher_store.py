@@ -1,0 +1,170 @@
+"""The target store: odd inputs, resume after SIGKILL, several processes, the read API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from teacher_helpers import random_image, run_targets, tiny_sd, write_dataset
+
+from lavender.records import read_records
+from lavender.targets import open_store
+from lavender.teacher.extract import ExtractionSettings, Teacher
+from lavender.teacher.run import RecordFailure, extract_targets
+from lavender.teacher.store import StoreMismatch
+
+SETTINGS = ExtractionSettings(timesteps=(200, 500), resolution=8)
+ARGS = ["--timesteps", "200,500", "--resolution", "8", "--shard-size", "2", "--batch-size", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return Teacher(tiny_sd(), SETTINGS)
+
+
+def write_odd_dataset(folder: Path) -> Path:
+    """One record per awkward case; returns the manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = random_image(0)
+    base.save(folder / "good.png")
+    base.convert("L").save(folder / "gray.png")
+    base.convert("RGBA").save(folder / "rgba.png")
+    base.convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(40 * 48, dtype=np.uint16).reshape(48, 40) * 30).astype(np.uint16)).save(folder / "16bit.png")
+    Image.new("RGB", (8000, 8000), (90, 120, 200)).save(folder / "huge.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "garbage.png").write_bytes(b"this is not an image at all")
+    (folder / "truncated.png").write_bytes((folder / "good.png").read_bytes()[:200])
+    rows = [
+        ("good", "good.png", "a red circle"),
+        ("gray", "gray.png", "a gray square"),
+        ("rgba", "rgba.png", "a star"),
+        ("cmyk", "cmyk.jpg", "a blue ring"),
+        ("16bit", "16bit.png", "a gradient"),
+        ("huge", "huge.png", "a big sky"),
+        ("missing", "nowhere.png", "a cat"),
+        ("empty", "empty.png", "a dog"),
+        ("garbage", "garbage.png", "a car"),
+        ("truncated", "truncated.png", "a tree"),
+        ("no-text", "good.png", "   "),
+        ("punctuation", "good.png", "?!"),
+    ]
+    manifest = folder / "odd.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "image": p, "question": "q", "answer": a}) + "\n" for i, p, a in rows))
+    return manifest
+
+
+def test_odd_inputs_are_processed_or_recorded_with_a_reason(tmp_path, teacher):
+    manifest = write_odd_dataset(tmp_path / "data")
+    records = read_records(manifest)
+    summary = extract_targets(records, teacher, tmp_path / "store", data=manifest, shard_size=5, batch_size=3, progress=False)
+    assert summary.done == 6 and len(summary.failed) == 6 and summary.skipped == 0
+    store = open_store(tmp_path / "store")
+    assert store.ids() == ["good", "gray", "rgba", "cmyk", "16bit", "huge"]
+    reasons = dict(store.errors())
+    assert set(reasons) == {"missing", "empty", "garbage", "truncated", "no-text", "punctuation"}
+    assert "not found" in reasons["missing"] and "0 bytes" in reasons["empty"]
+    assert "cannot decode" in reasons["garbage"] and "cannot decode" in reasons["truncated"]
+    assert "empty answer text" in reasons["no-text"] and "no word" in reasons["punctuation"]
+    assert store.complete and store.resolution == 8
+    maps = store.get("huge")
+    assert set(maps) == {"a", "big", "sky"} and all(m.shape == (8, 8) and m.dtype == np.float32 for m in maps.values())
+    assert store.words("cmyk") == [
+        {"key": "a", "text": "a", "spans": [["answer", 0, 1]]},
+        {"key": "blue", "text": "blue", "spans": [["answer", 2, 6]]},
+        {"key": "ring", "text": "ring", "spans": [["answer", 7, 11]]},
+    ]
+    with pytest.raises(KeyError, match="'garbage'.*cannot decode"):
+        store.get("garbage")
+
+    # strict: the first failure stops the run and names the record
+    with pytest.raises(RecordFailure, match=r"record 'missing' .*nowhere.png.*not found"):
+        extract_targets(records, teacher, tmp_path / "strict", data=manifest, shard_size=20, strict=True, progress=False)
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_settings(tmp_path, teacher):
+    manifest = write_dataset(tmp_path / "data", 3)
+    records = read_records(manifest)
+    first = extract_targets(records, teacher, tmp_path / "store", data=manifest, shard_size=2, progress=False)
+    again = extract_targets(records, teacher, tmp_path / "store", data=manifest, shard_size=2, progress=False)
+    assert (first.done, again.done, again.skipped) == (3, 0, 3)
+    with pytest.raises(StoreMismatch, match="shard_size"):
+        extract_targets(records, teacher, tmp_path / "store", data=manifest, shard_size=3, progress=False)
+    with pytest.raises(StoreMismatch, match="records"):
+        extract_targets(records[:2], teacher, tmp_path / "store", data=manifest, shard_size=2, progress=False)
+
+
+def read_all(folder: Path) -> dict:
+    store = open_store(folder)
+    return {
+        "ids": store.ids(),
+        "errors": store.errors(),
+        "words": {i: store.words(i) for i in store.ids()},
+        "maps": {i: store.get(i) for i in store.ids()},
+    }
+
+
+def assert_same_store(left: Path, right: Path) -> None:
+    a, b = read_all(left), read_all(right)
+    assert a["ids"] == b["ids"] and a["errors"] == b["errors"] and a["words"] == b["words"]
+    for record_id in a["ids"]:
+        assert a["maps"][record_id].keys() == b["maps"][record_id].keys()
+        for key, word_map in a["maps"][record_id].items():
+            np.testing.assert_array_equal(word_map, b["maps"][record_id][key])
+    names = sorted(p.name for p in (left / "shards").iterdir())
+    assert names == sorted(p.name for p in (right / "shards").iterdir())  # no temporary file left behind
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Eight records (one failing) and the store of one uninterrupted in-process run."""
+    folder = tmp_path_factory.mktemp("resume")
+    manifest = write_dataset(folder / "data", 8)
+    lines = manifest.read_text().splitlines()
+    lines[5] = json.dumps({"id": "r5", "image": "missing.png", "question": "q", "answer": "a cat"})
+    manifest.write_text("\n".join(lines) + "\n")
+    reference = folder / "reference"
+    teacher = Teacher(tiny_sd(), SETTINGS)
+    extract_targets(read_records(manifest), teacher, reference, data=manifest, shard_size=2, batch_size=2, progress=False)
+    return manifest, reference
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_gives_the_uninterrupted_store(tmp_path, dataset):
+    manifest, reference = dataset
+    command = ["--data", str(manifest), "--model", str(tiny_sd()), "--output", str(tmp_path / "store"), *ARGS]
+    process = run_targets(*command)
+    shards = tmp_path / "store" / "shards"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(shards.glob("shard-*"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # mid-run: some shards written, one possibly half-written
+    process.wait()
+    written = len(list(shards.glob("shard-*")))
+    assert 1 <= written < 4, "the kill should land mid-run"
+    resumed = run_targets(*command, stdout=-1, text=True)
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"skipped {2 * written}" in output
+    assert_same_store(tmp_path / "store", reference)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_store(tmp_path, dataset):
+    manifest, reference = dataset
+    command = ["--data", str(manifest), "--model", str(tiny_sd()), "--output", str(tmp_path / "store"), *ARGS]
+    processes = [
+        run_targets(*command, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, stdout=-1, text=True)
+        for rank in range(2)
+    ]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    assert "rank 0/2: done 3" in outputs[0] and "rank 1/2: done 4" in outputs[1]
+    assert "failed 'r5'" in outputs[0]
+    assert_same_store(tmp_path / "store", reference)

@@ -1,0 +1,104 @@
+"""The training config: keys, defaults, overrides, and errors before any training starts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lavender.training.config import ConfigError, build_config, load_config, lora_target_regex, parse_overrides
+
+
+@pytest.fixture
+def paths(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "targets").mkdir()
+    return {
+        "model_name_or_path": str(tmp_path / "model"),
+        "train_file": str(tmp_path / "train.jsonl"),
+        "targets_dir": str(tmp_path / "targets"),
+        "output_dir": str(tmp_path / "out"),
+    }
+
+
+def test_paper_defaults(paths):
+    config = build_config(paths)
+    lavender, training = config.lavender, config.training
+    assert lavender.att_weight == 10.0
+    assert (lavender.lora_r, lavender.lora_alpha, lavender.lora_dropout) == (8, 32, 0.05)
+    assert lavender.lora_target_modules == ["q_proj", "v_proj"] and lavender.use_peft
+    assert (lavender.aggregation, lavender.aligner, lavender.att_normalization) == ("mean", "sim", "minmax")
+    assert training.learning_rate == 1e-4 and training.weight_decay == 0.0 and training.optim == "adamw_torch"
+    assert training.remove_unused_columns is False
+
+
+def test_yaml_file_and_command_line_overrides(paths, tmp_path):
+    # YAML reads 1e-4 as a string; the field's type decides
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**paths, "learning_rate": "2e-4", "max_steps": 5}) + "att_weight: 1e1\n")
+    overrides = parse_overrides(
+        ["--max_steps", "7", "--lora_target_modules", "q_proj,k_proj", "--att_text=both", "--bf16", "false",
+         "--att_layers", "[1, 3]", "--use_peft"]
+    )
+    config = load_config(tmp_path / "c.yaml", overrides)
+    assert config.training.learning_rate == 2e-4 and config.training.max_steps == 7
+    assert config.training.bf16 is False
+    assert config.lavender.att_weight == 10.0
+    assert config.lavender.lora_target_modules == ["q_proj", "k_proj"]
+    assert config.lavender.att_text == "both" and config.lavender.att_layers == [1, 3]
+    assert config.lavender.use_peft is True
+
+
+@pytest.mark.parametrize("key, suggestion", [("learning_rat", "learning_rate"), ("att_wieght", "att_weight"), ("lora_rank", "lora_r")])
+def test_unknown_key_names_the_closest(paths, key, suggestion):
+    with pytest.raises(ConfigError, match=rf"{key} \(did you mean .*{suggestion}"):
+        build_config({**paths, key: 1})
+
+
+def test_missing_targets_folder_says_how_to_make_it(paths):
+    with pytest.raises(ConfigError, match="targets_dir not found.*lavender targets"):
+        build_config({**paths, "targets_dir": paths["targets_dir"] + "_nope"})
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("aligner", "simm", "aligner: 'simm' is not one of deep, light, none, sim"),
+     ("att_text", "caption", "att_text"),
+     ("aggregation", "median", "aggregation"),
+     ("lora_dropout", 1.5, "lora_dropout"),
+     ("att_weight", -1, "att_weight")],
+)
+def test_bad_values_are_refused(paths, key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config({**paths, key: value})
+
+
+def test_required_keys(paths):
+    for key in ("model_name_or_path", "train_file", "targets_dir", "output_dir"):
+        with pytest.raises(ConfigError, match=key):
+            build_config({k: v for k, v in paths.items() if k != key})
+
+
+def test_lora_targets_are_scoped_to_the_language_model():
+    pattern = lora_target_regex(["q_proj", "v_proj"])
+    # PEFT full-matches a string target against module names
+    assert re.fullmatch(pattern, "model.language_model.layers.0.self_attn.q_proj")
+    assert re.fullmatch(pattern, "model.language_model.layers.3.cross_attn.v_proj")
+    assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(pattern, "model.language_model.layers.0.self_attn.k_proj")
+    assert lora_target_regex(r".*\.q_proj") == r".*\.q_proj"  # a string is the user's own regex
+
+
+def test_overrides_need_dashes():
+    with pytest.raises(ConfigError, match="expected --key value"):
+        parse_overrides(["max_steps", "3"])
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,12}", fullmatch=True), st.integers(-5, 5) | st.booleans(), max_size=5))
+def test_overrides_round_trip(values):
+    items = []
+    for key, value in values.items():
+        items += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    assert parse_overrides(items) == values
