@@ -15,18 +15,16 @@ from transformers import AutoModelForImageTextToText
 
 from lavender.evaluation import command
 from lavender.evaluation.attention import (
-    _Words,
     iou,
     mask_on_grid,
     normalized_entropy,
     pearson,
     pointing_hit,
-    vlm_word_maps,
+    record_word_maps,
     word_metrics,
 )
 from lavender.evaluation.generation import load_model
 from lavender.records import Record, Turn
-from lavender.student import AttentionCapture
 from lavender.teacher.store import ShardRecord, prepare_store, write_shard
 from lavender.tiny.vlm import save_tiny_vlm
 from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
@@ -71,23 +69,33 @@ def _record(image, record_id="1"):
     return Record(record_id, image, [Turn("user", "What colour is the square?"), Turn("assistant", "The square is red.")])
 
 
+class _Words:
+    """The part of a target store the training dataset reads: which words to locate."""
+
+    resolution = 6
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def ids(self):
+        return ["1"]
+
+    def get(self, record_id):
+        return {key: np.zeros((6, 6), np.float32) for key in self.keys}
+
+
 def test_raw_maps_equal_eager_attention(llava):
     """At the native 6×6 patch grid the raw map is the eager attention of the word's tokens to the
-    36 image tokens, averaged over captured layers and heads, min–max normalised."""
+    36 image tokens, averaged over the layers and heads, min–max normalised."""
     model, processor = load_model(llava)
     rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8))
-    words = _Words(None, {"1": {"square": np.ones((84, 84), bool), "red": np.ones((84, 84), bool)}}, 6)
-    sample = LavenderDataset([_record(image)], words, processor, att_text="both").prepare(_record(image))
-    collator = LavenderCollator(processor, image_token_id(model.config))
-    capture = AttentionCapture(model)
-    try:
-        maps = vlm_word_maps(model, capture, collator, [sample], size=6)[0]["raw"]
-        layers = capture.layers
-    finally:
-        capture.close()
+    record = _record(Image.fromarray(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)))
+    layers = [0, 1]
+    maps = record_word_maps(model, processor, record, ["square", "red", "absent"], size=6, layers=layers)
     assert set(maps) == {"square", "red"}
 
+    sample = LavenderDataset([record], _Words(["square", "red"]), processor, att_text="both").prepare(record)
+    collator = LavenderCollator(processor, image_token_id(model.config))
     batch = collator([sample])
     eager = AutoModelForImageTextToText.from_pretrained(llava, attn_implementation="eager").eval()
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
@@ -98,12 +106,14 @@ def test_raw_maps_equal_eager_attention(llava):
     assert len(image_columns) == 36
     for w, key in enumerate(sample.keys):
         rows = batch["lavender_query_positions"][0][batch["lavender_word_rows"][0, w][batch["lavender_word_rows"][0, w] >= 0]]
-        # the rows are the word's own tokens, in both places it occurs
-        assert processor.tokenizer.decode(ids[rows]).replace(" ", "").lower() == key * 2
+        # the rows are the word's own tokens, wherever it occurs ("square" in the question and the answer)
+        assert processor.tokenizer.decode(ids[rows]).replace(" ", "").lower() == {"square": "squaresquare", "red": "red"}[key]
         probs = torch.stack([attentions[layer][0][:, rows][:, :, image_columns] for layer in layers])  # (L, H, P, 36)
         expected = probs.double().mean(dim=(0, 1, 2)).reshape(6, 6)
         expected = (expected - expected.min()) / (expected.max() - expected.min() + 1e-6)
-        np.testing.assert_allclose(maps[key], expected.numpy(), atol=1e-5)
+        # a random tiny model attends almost uniformly: the map spans ~1e-4 of probability, so
+        # min–max scales float32 rounding (~2e-9) up ~1e4 times; a wrong row or layer is off by ~0.3
+        np.testing.assert_allclose(maps[key], expected.numpy(), atol=2e-4)
 
 
 def _eval(*argv: str) -> int:
@@ -112,7 +122,9 @@ def _eval(*argv: str) -> int:
     return command.run(parser.parse_args(list(argv)))
 
 
-def test_eval_with_teacher_store_and_masks(llava, tmp_path):
+@pytest.fixture
+def data_and_store(tmp_path):
+    """Two records with masks (one missing), and a teacher store with maps for the first."""
     Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "red.png")
     mask = np.zeros((40, 40), dtype=np.uint8)
     mask[10:30, 10:30] = 255
@@ -131,9 +143,13 @@ def test_eval_with_teacher_store_and_masks(llava, tmp_path):
     words = [{"key": "square", "text": "square", "spans": [["answer", 4, 10]]},
              {"key": "red", "text": "red", "spans": [["answer", 14, 17]]}]
     write_shard(store, 0, [(ShardRecord(id="1", image="red.png", words=words, missing=[]), teacher)], [])
+    return tmp_path / "data.jsonl", store
 
+
+def test_eval_with_teacher_store_and_masks(llava, data_and_store, tmp_path):
+    data, store = data_and_store
     out = tmp_path / "out"
-    _eval("--model", str(llava), "--data", str(tmp_path / "data.jsonl"), "--output", str(out),
+    _eval("--model", str(llava), "--data", str(data), "--output", str(out),
           "--targets", str(store), "--max-new-tokens", "2")
     attention = json.loads((out / "metrics.json").read_text())["attention"]
     rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
@@ -146,3 +162,19 @@ def test_eval_with_teacher_store_and_masks(llava, tmp_path):
     assert attention["raw"]["teacher_entropy"] == pytest.approx(math.log(16) / math.log(64))
     assert [failure["id"] for failure in attention["failed"]] == ["2"]
     assert "absent.png" in attention["failed"][0]["error"]
+
+
+def test_show_draws_teacher_and_vlm_rows(llava, data_and_store, tmp_path):
+    from lavender import show
+
+    data, store = data_and_store
+    parser = argparse.ArgumentParser()
+    show.add_arguments(parser)
+    figure = tmp_path / "maps.png"
+    args = parser.parse_args(["--targets", str(store), "--model", str(llava), "--data", str(data), "--id", "1",
+                              "--output", str(figure)])
+    assert show.run(args) == 0
+    title, maps = show.vlm_maps(args, "1")
+    assert title == "VLM" and list(maps) == ["square", "red"]  # the teacher's words, in its order
+    assert all(m.shape == (8, 8) for m in maps.values())
+    assert Image.open(figure).size[0] > Image.open(figure).size[1]  # image + 2 words per row, 2 rows

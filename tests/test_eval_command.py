@@ -6,6 +6,7 @@ import argparse
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -97,3 +98,58 @@ def test_compare_mode(llava, data, tmp_path, capsys):
     result = json.loads((tmp_path / "c" / "comparison.json").read_text())
     assert result["paired"] == 5 and "by_category" in result
     assert "paired records: 5" in capsys.readouterr().out
+
+
+def test_adapter_folder_loads_its_base_and_merges(llava, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lavender.evaluation.generation import model_inputs
+
+    model, processor = load_model(llava)
+    torch.manual_seed(0)
+    tuned = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "adapter")  # records the base folder as base_model_name_or_path
+    inputs = model_inputs(processor, [Image.new("RGB", (30, 30), (0, 90, 0))], ["what is it?"])
+    with torch.no_grad():
+        expected = tuned(**inputs).logits
+        merged, _ = load_model(tmp_path / "adapter")
+        torch.testing.assert_close(merged(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
+        base, _ = load_model(llava)
+        assert not torch.allclose(base(**inputs).logits, expected, atol=1e-3)  # the adapter changed the model
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "gone"}))
+    with pytest.raises(FileNotFoundError, match="--base"):
+        load_model(tmp_path / "adapter")
+    load_model(tmp_path / "adapter", base=llava)
+
+
+def test_eval_reads_a_vlmevalkit_tsv(llava, tmp_path):
+    import base64
+    import csv
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    rows = [
+        {"index": "10", "image": image, "question": "Colour?", "A": "blue", "B": "red", "answer": "A", "category": "c"},
+        {"index": "11", "image": "10", "question": "Is it blue?", "answer": "yes", "category": "yn"},
+        {"index": "12", "image": "%%%" * 30, "question": "Is it red?", "answer": "no", "category": "yn"},
+    ]
+    with (tmp_path / "bench.tsv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["index", "image", "question", "A", "B", "answer", "category"], delimiter="\t")
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    _eval("--model", str(llava), "--data", str(tmp_path / "bench.tsv"), "--output", str(out), "--max-new-tokens", "2")
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["id"], p["scorer"]) for p in predictions] == [("10", "mc"), ("11", "yesno"), ("12", "yesno")]
+    assert predictions[1]["prediction"] is not None  # the shared image was found
+    assert predictions[2]["prediction"] is None and "not valid base64" in predictions[2]["error"]
+
+
+def test_resuming_with_other_settings_is_refused(llava, data, tmp_path):
+    argv = ["--model", str(llava), "--data", str(data), "--output", str(tmp_path / "out"), "--max-new-tokens", "2"]
+    _eval(*argv)
+    with pytest.raises(SystemExit, match="different scorer"):
+        _eval(*argv, "--scorer", "exact")

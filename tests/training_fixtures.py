@@ -61,3 +61,29 @@ def write_targets(folder: Path, manifest: Path, resolution: int = 8, side: str =
         entries.append((shard_record, maps))
     write_shard(folder, 0, entries, errors=[])
     return folder
+
+
+def run_keys(root: Path, model: Path, manifest: Path, targets: Path, name: str, **keys) -> dict:
+    """Config keys for a short CPU run into ``root / name``."""
+    return {
+        "model_name_or_path": str(model),
+        "train_file": str(manifest),
+        "targets_dir": str(targets),
+        "output_dir": str(root / name),
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "att_every_n_steps": 0,
+        "lora_dropout": 0.0,  # deterministic runs, comparable across batch layouts
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+        **keys,
+    }
+
+
+def train_logs(output_dir: Path) -> list[dict]:
+    """The per-step entries of the run's log history."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "loss" in entry]

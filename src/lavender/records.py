@@ -192,7 +192,8 @@ def _parse_turns(messages: Any, where: str, record_id: str) -> list[Turn]:
         speaker = message.get("from", message.get("role"))
         text = message.get("value", message.get("content"))
         if isinstance(text, list):  # chat-template style content parts
-            text = " ".join(part.get("text", "") for part in text if isinstance(part, dict))
+            # `datasets` fills absent struct fields with None ({"type": "image", "text": None})
+            text = " ".join(part.get("text") or "" for part in text if isinstance(part, dict))
         role = _ROLES.get(str(speaker).lower())
         if role is None:
             raise RecordError(

@@ -2,6 +2,7 @@
 
 example:
   lavender show --targets runs/targets --id 42 --output word-maps.png
+  lavender show --targets runs/targets --model runs/lavender --data val.jsonl --id 42 --output maps.png
 
 Each source of maps is one row of the figure; a source is added by one function in
 SOURCES that returns (title, word → map) for a record.
@@ -25,9 +26,32 @@ def teacher_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[st
     return "teacher", {texts[key]: word_map for key, word_map in maps.items()}
 
 
+def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, np.ndarray]]:
+    """The VLM's own attention per word (mean over the captured layers and heads, min–max), for the
+    teacher's words when --targets is given (same columns), else for every word of the record."""
+    from lavender.evaluation.attention import record_word_maps
+    from lavender.evaluation.generation import load_model
+    from lavender.words import split_words
+
+    record = find_record(args, record_id)
+    size, labels = 32, {}
+    if args.targets is not None:
+        from lavender.teacher.store import open_store
+
+        store = open_store(args.targets)
+        size, labels = store.resolution, {word["key"]: word["text"] for word in store.words(record_id)}
+    else:
+        for word in split_words(record.question) + split_words(record.answer):
+            labels.setdefault(word.key, word.text)
+    model, processor = load_model(args.model, base=args.base)
+    maps = record_word_maps(model, processor, record, list(labels), size=size)
+    return "VLM", {labels[key]: maps[key] for key in labels if key in maps}
+
+
 # option name (an argument holding a folder) → row builder; rows appear in this order
 SOURCES: dict[str, Callable[[argparse.Namespace, str], tuple[str, dict[str, np.ndarray]]]] = {
     "targets": teacher_maps,
+    "model": vlm_maps,
 }
 
 
@@ -38,11 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None,
                         help="the records manifest, to find the image (default: the one the store was made from)")
     parser.add_argument("--image-root", default=None, help="folder image paths are relative to")
+    parser.add_argument("--model", default=None, help="a VLM folder (model or adapter): adds its per-word attention")
+    parser.add_argument("--base", default=None, help="the base model folder of an adapter given as --model")
 
 
 def find_image(args: argparse.Namespace, record_id: str):
     """The record's image: from the manifest given, or the one recorded in the target store."""
     from lavender.images import load_image
+
+    return load_image(find_record(args, record_id).image)
+
+
+def find_record(args: argparse.Namespace, record_id: str):
+    """The record: from the manifest given, or the one recorded in the target store."""
     from lavender.records import read_records
 
     data, image_root = args.data, args.image_root
@@ -55,7 +87,7 @@ def find_image(args: argparse.Namespace, record_id: str):
         raise ValueError("give --data: the manifest that holds the record's image")
     for record in read_records(data, image_root=image_root):
         if record.id == record_id:
-            return load_image(record.image)
+            return record
     raise KeyError(f"{data}: no record with id {record_id!r}")
 
 

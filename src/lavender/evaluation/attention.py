@@ -156,24 +156,44 @@ def load_masks(record: Record, root: Path) -> dict[str, np.ndarray]:
 
 
 @dataclass
-class _Words:
+class _WordTargets:
     """What :class:`lavender.training.data.LavenderDataset` reads from a target store: per record the
-    word keys to measure (the teacher's, the masks', or both) with a map (the teacher's, else zeros)."""
+    word keys to measure (the teacher's and any others, e.g. the masks') with a map (the teacher's,
+    else zeros: only the teacher's are ever compared)."""
 
     teacher: Any
-    masks: dict[str, dict[str, np.ndarray]]
+    keys: dict[str, set[str]]
     resolution: int
 
     def ids(self) -> list[str]:
-        return sorted(set(self.masks) | set(self.teacher.ids() if self.teacher is not None else ()))
+        return sorted(set(self.keys) | set(self.teacher.ids() if self.teacher is not None else ()))
 
     def teacher_maps(self, record_id: str) -> dict[str, np.ndarray]:
         return self.teacher.get(record_id) if self.teacher is not None and record_id in self.teacher else {}
 
     def get(self, record_id: str) -> dict[str, np.ndarray]:
-        maps = self.teacher_maps(record_id)
         blank = np.zeros((self.resolution, self.resolution), dtype=np.float32)
-        return {**{key: blank for key in self.masks.get(record_id, {})}, **maps}
+        return {**{key: blank for key in self.keys.get(record_id, ())}, **self.teacher_maps(record_id)}
+
+
+def record_word_maps(
+    model: Any,
+    processor: Any,
+    record: Record,
+    keys: Sequence[str],
+    size: int = 32,
+    side: str = "both",
+    layers: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """The VLM's raw normalised map of each of ``keys`` found in ``record``'s text (for figures)."""
+    targets = _WordTargets(None, {record.id: set(keys)}, size)
+    sample = LavenderDataset([record], targets, processor, att_text=side).prepare(record)
+    capture = AttentionCapture(model, layers=layers)
+    try:
+        collator = LavenderCollator(processor, image_token_id(model.config))
+        return vlm_word_maps(model, capture, collator, [sample], size)[0]["raw"]
+    finally:
+        capture.close()
 
 
 def evaluate_attention(
@@ -211,7 +231,7 @@ def evaluate_attention(
                 masks[record.id] = load_masks(record, root)
             except ImageError as error:
                 failed.append({"id": record.id, "error": f"unreadable mask: {error}"})
-    words = _Words(store, masks, size)
+    words = _WordTargets(store, {record_id: set(of_record) for record_id, of_record in masks.items()}, size)
     wanted = set(words.ids())
     measured = [record for record in records if record.id in wanted]
     if not measured:
@@ -231,7 +251,7 @@ def evaluate_attention(
                 except (ImageError, SampleError) as error:
                     failed.append({"id": record.id, "error": str(error)})
             if samples:
-                rows += _measure_batch(model, capture, collator, head, samples, words, size)
+                rows += _measure_batch(model, capture, collator, head, samples, words, masks, size)
     finally:
         capture.close()
     if output is not None:
@@ -279,12 +299,11 @@ def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> li
     return result
 
 
-def _measure_batch(model, capture, collator, head, samples, words: _Words, size: int) -> list[dict[str, Any]]:
+def _measure_batch(model, capture, collator, head, samples, words: _WordTargets, masks, size: int) -> list[dict[str, Any]]:
     rows = []
     for sample, per_kind in zip(samples, vlm_word_maps(model, capture, collator, samples, size, head)):
         teacher = words.teacher_maps(sample.record_id)
-        masks = words.masks.get(sample.record_id, {})
-        grids = {key: mask_on_grid(mask, size) for key, mask in masks.items()}
+        grids = {key: mask_on_grid(mask, size) for key, mask in masks.get(sample.record_id, {}).items()}
         for kind, maps in per_kind.items():
             rows += [
                 {"id": sample.record_id, "word": key, "map": kind, **word_metrics(vlm, teacher.get(key), grids.get(key))}

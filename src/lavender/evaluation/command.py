@@ -15,7 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lavender.evaluation.report import PREDICTIONS
 from lavender.evaluation.scoring import SCORERS
+
+SETTINGS = "eval_settings.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +49,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("lavender eval: --batch-size must be at least 1")
     import torch
-    from tqdm import tqdm
 
     from lavender.evaluation.items import make_items, read_eval_records
-    from lavender.evaluation.report import METRICS, PREDICTIONS, format_table, load_predictions, summarize, write_json
+    from lavender.evaluation.report import METRICS, format_table, load_predictions, summarize, write_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -59,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     predictions_path = output / PREDICTIONS
+    _check_settings(output, args)
     finished = load_predictions(predictions_path, repair=True)
     todo = [item for item in items if item.id not in finished]
     if finished:
@@ -70,15 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
         model, processor = load_model(args.model, base=args.base, dtype=dtype, device=device)
     if todo:
-        from lavender.evaluation.runner import evaluate_batch
-
-        with predictions_path.open("a", encoding="utf-8") as handle, tqdm(total=len(todo), desc="eval", unit="record") as bar:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
-                for row in evaluate_batch(model, processor, batch, args.max_new_tokens):
-                    handle.write(_json_line(row))
-                handle.flush()  # a finished batch survives an interruption
-                bar.update(len(batch))
+        _predict(model, processor, todo, predictions_path, args.batch_size, args.max_new_tokens)
 
     rows_by_id = load_predictions(predictions_path)
     rows = [rows_by_id[item.id] for item in items]
@@ -108,6 +103,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(model, processor, items, path: Path, batch_size: int, max_new_tokens: int) -> None:
+    """Answer ``items`` batch by batch, appending their rows to ``path``: a finished batch survives an interruption."""
+    from tqdm import tqdm
+
+    from lavender.evaluation.runner import evaluate_batch
+
+    with path.open("a", encoding="utf-8") as handle, tqdm(total=len(items), desc="eval", unit="record") as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in evaluate_batch(model, processor, batch, max_new_tokens))
+            handle.flush()
+            bar.update(len(batch))
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from lavender.evaluation.compare import compare_runs, format_comparison, load_run
     from lavender.evaluation.report import write_json
@@ -119,6 +128,28 @@ def _run_compare(args: argparse.Namespace) -> int:
         Path(args.output).mkdir(parents=True, exist_ok=True)
         write_json(Path(args.output) / "comparison.json", result)
     return 0
+
+
+# What decides the rows of predictions.jsonl: a resumed run must use the same.
+_RUN_SETTINGS = ("model", "base", "data", "scorer", "instruction", "max_new_tokens")
+
+
+def _check_settings(output: Path, args: argparse.Namespace) -> None:
+    """Record the run's settings, or refuse to resume into rows made with other ones."""
+    from lavender.evaluation.report import write_json
+
+    settings = {name: getattr(args, name) for name in _RUN_SETTINGS}
+    settings["model"], settings["data"] = str(Path(args.model).resolve()), str(Path(args.data).resolve())
+    path = output / SETTINGS
+    if path.is_file() and (output / PREDICTIONS).is_file():
+        previous = json.loads(path.read_text())
+        changed = [name for name in _RUN_SETTINGS if previous.get(name) != settings[name]]
+        if changed:
+            raise SystemExit(
+                f"lavender eval: {output} holds predictions made with different {', '.join(changed)} "
+                f"({', '.join(f'{n}={previous.get(n)!r}' for n in changed)}); choose a new --output or delete it"
+            )
+    write_json(path, settings)
 
 
 def _data_root(args: argparse.Namespace) -> Path:
@@ -138,6 +169,3 @@ def _trained_layers(model_dir: Path) -> list[int] | None:
 
     return yaml.safe_load(config.read_text()).get("att_layers")
 
-
-def _json_line(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"

@@ -96,6 +96,8 @@ def _digits_and_articles(text: str) -> str:
 
 def exact_match(prediction: str, references: Sequence[str], options: Mapping[str, str] | None = None) -> float:
     """1 if the normalised prediction equals any normalised reference, else 0."""
+    if not references:
+        raise UnscorableAnswer("no reference answer to score against")
     answer = normalize_answer(prediction)
     return float(any(answer == normalize_answer(reference) for reference in references))
 

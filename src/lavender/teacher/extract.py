@@ -312,7 +312,11 @@ class Teacher:
     def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         size = (self.image_size, self.image_size)
         # stretched to the square canvas, like the student's maps, which cover the whole image
-        arrays = [np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC), dtype=np.float32) for image in images]
+        # reducing_gap: an 8000 px scan is first box-reduced, then resampled (fast, same quality)
+        arrays = [
+            np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.float32)
+            for image in images
+        ]
         pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
         return pixels.to(self.device, self.dtype)
 

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dm.add_argument("--channels", type=int, nargs="+", default=list(defaults.block_out_channels),
                     help="UNet block widths (three: full, 1/2 and 1/4 resolution)")
     dm.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
+    dm.add_argument("--image-size", type=int, default=defaults.image_size, help="the UNet's resolution")
     dm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
 
     quality = actions.add_parser("dm-quality", help="pointing accuracy of the diffusion model's per-word maps")
@@ -84,6 +85,7 @@ def _pretrain_dm(args: argparse.Namespace) -> int:
         seed=args.seed,
         block_out_channels=tuple(args.channels),
         text_hidden=args.text_hidden,
+        image_size=args.image_size,
     )
     summary = train(args.data, args.output, config, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))

@@ -123,8 +123,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 continue
     if _accepts(annotation, list) and not _accepts(annotation, str):
         return [item.strip() for item in value.split(",") if item.strip()]
-    if value.lower() in ("none", "null") and _accepts(annotation, type(None)):
-        return None
     return value
 
 

@@ -42,14 +42,29 @@ def open_targets(config: TrainConfig):
     return store
 
 
+def check_architecture(path: str) -> None:
+    """Refuse a model without a student adapter from its config alone, before loading weights."""
+    from transformers import AutoConfig
+
+    from lavender.student.adapters import ADAPTERS
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"model_name_or_path {path} is not a local folder (this tool loads local checkpoints)")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in ADAPTERS:
+        raise ConfigError(
+            f"{path}: architecture {model_type!r} is not supported; supported: {', '.join(sorted(ADAPTERS))} "
+            "(a new one is a small adapter file in lavender/student/adapters/)"
+        )
+
+
 def load_model(config: TrainConfig):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     args = config.lavender
     path = args.model_name_or_path
-    if not Path(path).exists():
-        raise ConfigError(f"model_name_or_path {path} is not a local folder (this tool loads local checkpoints)")
+    check_architecture(path)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation)
@@ -60,18 +75,16 @@ def build_trainer(config: TrainConfig):
     """Everything ``lavender train`` needs, checked; raises :class:`ConfigError` on a bad setup."""
     from lavender.alignment import AlignmentHead, AttentionWeight
     from lavender.records import RecordError, read_records
+    from transformers import set_seed
+
     from lavender.student import AttentionCapture
-    from lavender.student.adapters import get_adapter
     from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
     from lavender.training.trainer import HEAD_NAME, LavenderTrainer
 
     args, training = config.lavender, config.training
     store = open_targets(config)
+    set_seed(training.seed)  # the aligner's and LoRA's initial weights are part of the run
     model, processor = load_model(config)
-    try:
-        get_adapter(model)
-    except (KeyError, ValueError) as error:
-        raise ConfigError(f"{args.model_name_or_path}: {error}") from None
     try:
         capture = AttentionCapture(model, layers=args.att_layers)
     except ValueError as error:

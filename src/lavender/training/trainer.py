@@ -82,7 +82,7 @@ class LavenderTrainer(Trainer):
         self.att_every_n_steps = att_every_n_steps
         self._words_in_batch: torch.Tensor | None = None
         self._running = self._zero_running()
-        self._steps_at_last_log = 0
+        self._steps_running: set[int] = set()  # optimizer steps summed in ``_running``
         self._last_figure_step = -1
 
     # ---- loss ---------------------------------------------------------------------------------
@@ -151,8 +151,13 @@ class LavenderTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             scale *= self.accelerator.num_processes
         if not self._lm_loss_is_scaled(num_items_in_batch):
-            scale *= self.current_gradient_accumulation_steps
+            scale *= self._accumulation_steps
         return scale
+
+    @property
+    def _accumulation_steps(self) -> int:
+        # set by the training loop per step (the last step of an epoch may have fewer batches)
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _lm_loss_is_scaled(self, num_items_in_batch) -> bool:
         if self.loss_is_scaled_for_ga is not None:
@@ -168,16 +173,17 @@ class LavenderTrainer(Trainer):
         """Per optimizer step, the same sums the Trainer forms for ``loss``."""
         if not self.model.training:
             return
-        per_step = 1.0 if self._lm_loss_is_scaled(num_items_in_batch) else 1.0 / self.current_gradient_accumulation_steps
+        per_step = 1.0 if self._lm_loss_is_scaled(num_items_in_batch) else 1.0 / self._accumulation_steps
         self._running["lm_loss"] += lm_loss.detach().float().cpu() * per_step
         self._running["att_loss"] += att_loss.detach().float().cpu() * per_step
         for name, value in zip(COUNT_NAMES, counts.detach().float().cpu()):
             self._running[name] += value
+        self._steps_running.add(self.state.global_step)
         self._att_weight_now = weight
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            steps = max(self.state.global_step - self._steps_at_last_log, 1)
+            steps = max(len(self._steps_running), 1)
             device = self.args.device
             stacked = torch.stack([self._running[name] for name in ("lm_loss", "att_loss", *COUNT_NAMES)]).to(device)
             gathered = self.accelerator.gather(stacked.reshape(1, -1)).reshape(-1, stacked.numel())
@@ -188,7 +194,7 @@ class LavenderTrainer(Trainer):
             for index, name in enumerate(COUNT_NAMES, start=2):
                 logs[name] = int(sums[index].item())
             self._running = self._zero_running()
-            self._steps_at_last_log = self.state.global_step
+            self._steps_running.clear()
         super().log(logs, start_time)
 
     # ---- figures --------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Step time and peak memory of attention capture: plain SFT vs Lavender's capture vs eager.
+
+Three ways to run one training step (forward, loss, backward) on the same model and batch:
+
+  plain     SDPA attention, language-model loss only (what SFT costs);
+  lavender  SDPA plus ``AttentionCapture``: the captured rows are placed on the image grid, and an
+            MSE against a fixed target map is added to the loss;
+  eager     ``output_attentions=True`` with eager attention, as the Lavender authors did: the same
+            rows are sliced from the full T×T (or T×image) maps, same placement and loss.
+
+Each mode runs in its own subprocess, so the peak memory of one does not hide another's
+(CPU: peak resident set size from ``resource``; CUDA: ``torch.cuda.max_memory_allocated``).
+
+    python benchmarks/bench_capture.py                       # CPU: small LLaVA- and Mllama-shaped models
+    python benchmarks/bench_capture.py --mllama-11b          # GPU: Llama-3.2-11B-Vision shapes, bf16, LoRA
+
+Random weights throughout: speed and memory do not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ("plain", "lavender", "eager")
+
+
+def build(model_name: str, device: str):
+    """``(model, inputs, query_positions)`` for a named shape."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaTextConfig,
+        MllamaVisionConfig,
+    )
+
+    text_tokens, queries = 128, 32
+    if model_name == "llava-small":
+        # LLaVA-1.5's token layout (336 px, patch 14: 576 image tokens) on a narrow model
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=336, patch_size=14),
+            text_config=LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                    num_attention_heads=8, num_key_value_heads=8),
+            image_token_index=999,
+        )
+        dtype = torch.float32
+    elif model_name.startswith("mllama"):
+        if model_name == "mllama-11b":  # Llama-3.2-11B-Vision
+            vision = MllamaVisionConfig(image_size=560)
+            text = MllamaTextConfig(vocab_size=128264)
+            dtype, text_tokens = torch.bfloat16, 512
+        else:  # real tile geometry (560 px, 1601 keys per tile, 4 tiles) on a narrow model
+            vision = MllamaVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_global_layers=1, attention_heads=2, image_size=560,
+                                        intermediate_layers_indices=[0], vision_output_dim=128)
+            text = MllamaTextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                                    num_attention_heads=8, num_key_value_heads=2, cross_attention_layers=[3, 7],
+                                    pad_token_id=0)
+            dtype = torch.float32
+        config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=text.vocab_size - 8)
+    else:
+        raise ValueError(f"unknown model {model_name!r}")
+
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        model_class = LlavaForConditionalGeneration if model_name == "llava-small" else MllamaForConditionalGeneration
+        model = model_class(config)
+        torch.set_default_dtype(previous)
+
+    vocab = config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab - 16, (1, text_tokens), device=device)
+    if model_name == "llava-small":
+        image = torch.full((1, 576), config.image_token_index, device=device)
+        input_ids = torch.cat([ids[:, :1], image, ids[:, 1:]], dim=1)
+        inputs = {"input_ids": input_ids, "pixel_values": torch.randn(1, 3, 336, 336, device=device, dtype=dtype)}
+    else:
+        input_ids = ids.clone()
+        input_ids[0, 1] = config.image_token_index
+        cross = torch.ones(1, text_tokens, 1, 4, dtype=torch.long, device=device)
+        cross[:, :1] = 0  # the row before <|image|> sees no tile
+        inputs = {
+            "input_ids": input_ids,
+            "pixel_values": torch.randn(1, 1, 4, 3, 560, 560, device=device, dtype=dtype),
+            "aspect_ratio_ids": torch.tensor([[6]], device=device),  # 2×2 tiles
+            "aspect_ratio_mask": torch.ones(1, 1, 4, dtype=torch.long, device=device),
+            "cross_attention_mask": cross,
+        }
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["labels"] = inputs["input_ids"]
+    length = inputs["input_ids"].shape[1]
+    positions = torch.arange(length - queries, length, device=device)[None]
+    return model, inputs, positions
+
+
+def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) -> dict:
+    import torch
+
+    from lavender.student import AttentionCapture
+
+    model, inputs, positions = build(model_name, device)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05,
+                                                 target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    model.train()
+    capture = AttentionCapture(model)  # installs the "lavender" attention on the language model
+    layers, adapter = capture.layers, capture.adapter
+    if mode == "plain":
+        capture.close()
+    elif mode == "eager":
+        capture.close()
+        model.set_attn_implementation("eager")
+    target = torch.rand(1, positions.shape[1], 32, 32, device=device)
+
+    def step():
+        if mode == "plain":
+            loss = model(**inputs).loss
+        elif mode == "lavender":
+            with capture.record(positions):
+                outputs = model(**inputs)
+            maps = capture.maps(inputs, size=32).mean(dim=(1, 2))
+            loss = outputs.loss + 10 * torch.nn.functional.mse_loss(maps, target)
+        else:
+            outputs = model(**inputs, output_attentions=True)
+            rows = torch.stack([outputs.attentions[layer][:, :, positions[0]] for layer in layers], dim=1)
+            maps = adapter.place(rows.float(), inputs, 32).mean(dim=(1, 2))
+            loss = outputs.loss + 10 * torch.nn.functional.mse_loss(maps, target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"mode": mode, "step_s": statistics.median(times), "peak_mib": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["llava-small", "mllama-small"],
+                        help="llava-small, mllama-small, mllama-11b (default: %(default)s)")
+    parser.add_argument("--mllama-11b", action="store_true", help="Llama-3.2-11B-Vision shapes, bf16, LoRA (GPU)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (median reported)")
+    parser.add_argument("--lora", action="store_true", help="LoRA r=8 on q/v of the language model")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a subprocess
+    args = parser.parse_args()
+    if args.mllama_11b:
+        args.models, args.lora = ["mllama-11b"], True
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.mode:
+        result = run_mode(args.mode, args.models[0], args.device, args.steps, args.lora)
+        print(json.dumps(result))
+        return
+
+    print(f"device {args.device}, {args.steps} timed steps, LoRA {'on' if args.lora else 'off'}")
+    print(f"{'model':14s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'mem ×plain':>10s}")
+    for model_name in args.models:
+        results = {}
+        for mode in MODES:
+            command = [sys.executable, __file__, "--mode", mode, "--models", model_name, "--steps", str(args.steps),
+                       "--device", args.device] + (["--lora"] if args.lora else [])
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{model_name:14s} {mode:9s} failed:\n{done.stderr[-2000:]}")
+                continue
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        plain = results.get("plain")
+        for mode, result in results.items():
+            time_ratio = result["step_s"] / plain["step_s"] if plain else float("nan")
+            memory_ratio = result["peak_mib"] / plain["peak_mib"] if plain else float("nan")
+            print(f"{model_name:14s} {mode:9s} {result['step_s']:8.3f} {result['peak_mib']:9.0f} "
+                  f"{time_ratio:11.2f} {memory_ratio:10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Samples and batches: chat template, labels, word positions through image-token expansion, skips."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from lavender.records import Record, Turn, read_records
+from lavender.teacher.store import open_store
+from lavender.tiny.vlm import build_tiny_vlm
+from lavender.training.data import (
+    COUNTS_KEY,
+    LavenderCollator,
+    LavenderDataset,
+    SampleError,
+    expand_positions,
+    image_token_id,
+)
+from training_fixtures import write_records, write_targets
+
+KINDS = ["llava", "mllama"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def vlm(request):
+    model, processor = build_tiny_vlm(request.param)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    manifest = write_records(root / "records", broken=("r3",))
+    write_targets(root / "targets", manifest, resolution=4, skip_words=("on",))
+    return read_records(manifest), open_store(root / "targets")
+
+
+def test_expand_positions_steps_over_image_runs():
+    image = 9
+    assert expand_positions([1, 9, 5, 6], [1, 9, 9, 9, 5, 6], image) == [0, 1, 4, 5]
+    assert expand_positions([9, 5], [9, 5], image) == [0, 1]  # a placeholder that stays one token
+    with pytest.raises(SampleError, match="changed the text"):
+        expand_positions([1, 5], [1, 6], image)
+
+
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 5)), min_size=1, max_size=12))
+def test_expand_positions_property(tokens):
+    """Every non-image token lands on itself; image placeholders on the first of their run."""
+    image = 9
+    unexpanded = [9 if token == 0 else token for token, _ in tokens]
+    expanded = [t for t, (_, run) in zip(unexpanded, tokens) for t in ([t] * run if t == image else [t])]
+    # adjacent placeholders merge into one run in the expanded sequence; keep the property simple
+    if any(a == b == image for a, b in zip(unexpanded, unexpanded[1:])):
+        return
+    where = expand_positions(unexpanded, expanded, image)
+    assert [expanded[p] for p in where] == unexpanded
+    assert where == sorted(set(where))
+
+
+def _batch(vlm, records, store, att_text="answer", strict=False):
+    model, processor = vlm
+    dataset = LavenderDataset(records, store, processor, att_text=att_text, strict=strict)
+    collator = LavenderCollator(processor, image_token_id(model.config))
+    samples = [dataset[i] for i in range(len(dataset))]
+    return samples, collator(samples)
+
+
+def test_labels_cover_exactly_the_assistant_turn(vlm, data):
+    records, store = data
+    _, processor = vlm
+    samples, batch = _batch(vlm, records[:3], store)
+    for b, record in enumerate(records[:3]):
+        supervised = batch["input_ids"][b][batch["labels"][b] != -100]
+        text = processor.tokenizer.decode(supervised)
+        assert text.strip().startswith(record.answer)
+        # nothing of the question, and only the end-of-turn marker beyond the answer
+        assert record.question not in text
+        assert len(text.strip()) - len(record.answer) <= len("<|eot_id|>")
+
+
+def test_word_rows_decode_to_the_words(vlm, data):
+    """Through the image-token expansion, each word's query positions spell the word."""
+    records, store = data
+    _, processor = vlm
+    samples, batch = _batch(vlm, records[:3], store, att_text="answer")
+    for b, sample in enumerate(samples):
+        queries = batch["lavender_query_positions"][b]
+        for w, key in enumerate(sample.keys):
+            rows = batch["lavender_word_rows"][b, w]
+            positions = queries[rows[rows >= 0]]
+            pieces = processor.tokenizer.decode(batch["input_ids"][b, positions]).replace(" ", "").casefold()
+            occurrences = len(sample.words[w])
+            assert pieces == key * occurrences
+            assert batch["lavender_word_mask"][b, w]
+            np.testing.assert_array_equal(batch["lavender_targets"][b, w].numpy(), store.get(sample.record_id)[key])
+
+
+def test_missing_words_are_counted_not_matched(vlm, data):
+    records, store = data
+    samples, batch = _batch(vlm, records[:1], store)  # "A red cube on the left." — "on" has no map
+    assert "on" not in samples[0].keys
+    matched, missing, skipped = batch[COUNTS_KEY].tolist()
+    assert (matched, missing, skipped) == (5, 1, 0)
+
+
+def test_record_without_targets_has_no_words(vlm, data):
+    records, store = data
+    image = Image.new("RGB", (40, 30), "white")
+    stranger = Record("unknown", image, [Turn("user", "Hi?"), Turn("assistant", "A red cube.")])
+    samples, batch = _batch(vlm, [stranger], store)
+    assert not batch["lavender_word_mask"].any()
+    assert batch[COUNTS_KEY].tolist() == [0, 3, 0]
+    assert (batch["labels"] != -100).any()  # it still trains the language model
+
+
+def test_question_side_and_both(vlm, data):
+    records, store = data
+    samples, batch = _batch(vlm, records[1:2], store, att_text="both")
+    # targets hold answer words; "the" and "ball" occur in both the question and the answer
+    assert {"the", "ball"} <= set(samples[0].keys)
+    ball = samples[0].keys.index("ball")
+    assert len(samples[0].words[ball]) == 2
+
+
+def test_unreadable_image_is_skipped_named_and_counted(vlm, data, caplog):
+    records, store = data
+    model, processor = vlm
+    dataset = LavenderDataset(records, store, processor)
+    with caplog.at_level(logging.WARNING, logger="lavender.training.data"):
+        sample = dataset[3]  # r3's image is broken: r0 takes its place
+    assert sample.record_id == "r0" and sample.records_skipped == 1
+    assert "'r3'" in caplog.text
+    with pytest.raises(SampleError, match="r3.*strict"):
+        LavenderDataset(records, store, processor, strict=True)[3]
+
+
+def test_batch_keys_and_shapes(vlm, data):
+    records, store = data
+    samples, batch = _batch(vlm, records[:3], store)
+    b, w = batch["lavender_word_mask"].shape
+    assert b == 3 and w == max(len(s.keys) for s in samples)
+    assert batch["lavender_targets"].shape == (3, w, 4, 4)
+    assert batch["lavender_word_rows"].shape[:2] == (3, w)
+    assert batch["lavender_query_positions"].dtype == torch.long
+    assert batch["labels"].shape == batch["input_ids"].shape

@@ -1,0 +1,197 @@
+"""LavenderTrainer end to end on tiny models: saving, loading, accumulation, resume, bad setups."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lavender.tiny.vlm import save_tiny_vlm
+from lavender.training.config import ConfigError, build_config
+from lavender.training.setup import build_trainer, train
+from lavender.training.trainer import HEAD_FILE, load_head
+from training_fixtures import run_keys, train_logs, write_records, write_targets
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    manifest = write_records(root / "records")
+    targets = write_targets(root / "targets", manifest, resolution=8, skip_words=("a",))
+    return root, manifest, targets
+
+
+@pytest.fixture(scope="module")
+def llava(world):
+    return save_tiny_vlm("llava", world[0] / "llava")
+
+
+@pytest.fixture(scope="module")
+def mllama(world):
+    return save_tiny_vlm("mllama", world[0] / "mllama")
+
+
+def _keys(world, model, name, **keys):
+    root, manifest, targets = world
+    return run_keys(root, model, manifest, targets, name, **keys)
+
+
+def _close(a: float, b: float, tol: float = 1e-4) -> bool:
+    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
+
+
+def test_lora_run_logs_both_losses_and_saves_a_loadable_adapter(world, llava):
+    from transformers import AutoModelForImageTextToText
+
+    output = train(build_config(_keys(world, llava, "lora", max_steps=3, att_every_n_steps=2)))
+    logs = train_logs(output)
+    assert [entry["step"] for entry in logs] == [1, 2, 3]
+    for entry in logs:
+        # loss = L_LM + λ·L_att, the terms logged beside it
+        assert _close(entry["loss"], entry["lm_loss"] + entry["att_weight"] * entry["att_loss"])
+        assert entry["att_weight"] == 10.0 and entry["att_loss"] > 0
+        assert entry["words_matched"] > 0 and entry["words_missing"] > 0  # "a" has no map
+        assert entry["records_skipped"] == 0
+    assert sorted(p.name for p in (output / "figures").glob("*.png"))[0].startswith("maps_step_0000000")
+
+    assert (output / "adapter_config.json").exists() and (output / HEAD_FILE).exists()
+    with safe_open(str(output / "adapter_model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    assert names and all("lora_" in n and "language_model" in n for n in names)  # scoped to the LM
+    model = AutoModelForImageTextToText.from_pretrained(output)  # transformers + peft
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    head = load_head(output)
+    assert head.describe()["aligner"] == "sim" and head.describe()["heads"] == "4"
+
+
+def test_merged_lora_loads_with_plain_transformers_and_matches_the_adapter(world, llava):
+    from transformers import AutoModelForImageTextToText
+
+    output = train(build_config(_keys(world, llava, "merged", max_steps=1, save_merged=True, learning_rate=1e-2)))
+    assert not (output / "adapter_config.json").exists() and (output / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForImageTextToText.from_pretrained(output)
+    adapted = AutoModelForImageTextToText.from_pretrained(output / "adapter")
+    base = AutoModelForImageTextToText.from_pretrained(llava)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        merged_logits, adapted_logits, base_logits = (m(input_ids=ids).logits for m in (merged, adapted, base))
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(merged_logits, base_logits)  # training changed something
+
+
+def test_full_finetuning_saves_a_plain_model_without_the_head(world, mllama):
+    from transformers import AutoModelForImageTextToText
+
+    output = train(build_config(_keys(world, mllama, "full", use_peft=False, max_steps=2)))
+    logs = train_logs(output)
+    assert all(entry["att_loss"] > 0 for entry in logs)
+    with safe_open(str(output / "model.safetensors"), "pt") as handle:
+        assert not [name for name in handle.keys() if "lavender_head" in name]
+    model = AutoModelForImageTextToText.from_pretrained(output)
+    assert type(model).__name__ == "MllamaForConditionalGeneration"
+    assert (output / HEAD_FILE).exists()
+
+
+def test_gradient_accumulation_matches_one_big_batch(world, llava):
+    """Batch 2 in one step == batch 1 accumulated over 2: L_att is normalised over the whole step."""
+    big = train(build_config(_keys(world, llava, "big", per_device_train_batch_size=2, learning_rate=1e-3)))
+    small = train(
+        build_config(
+            _keys(world, llava, "accumulated", per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=1e-3)
+        )
+    )
+    for a, b in zip(train_logs(big), train_logs(small), strict=True):
+        for key in ("loss", "lm_loss", "att_loss"):
+            assert _close(a[key], b[key]), (key, a, b)
+        assert a["words_matched"] == b["words_matched"]
+    small_state = load_head(small).state_dict()
+    for name, value in load_head(big).state_dict().items():
+        if name.endswith("bias"):
+            # min–max normalisation is shift-invariant: the last conv's bias has no gradient in exact
+            # arithmetic, and Adam blows its rounding noise up to lr-sized steps
+            continue
+        torch.testing.assert_close(value, small_state[name], atol=1e-6, rtol=1e-4)
+
+
+def test_resume_continues_the_same_loss_curve(world, llava):
+    keys = dict(max_steps=4, save_strategy="steps", save_steps=2, learning_rate=1e-3)
+    straight = train(build_config(_keys(world, llava, "straight", **keys)))
+    checkpoint = straight / "checkpoint-2"
+    assert (checkpoint / HEAD_FILE).exists()
+    resumed = train(build_config(_keys(world, llava, "resumed", resume_from_checkpoint=str(checkpoint), **keys)))
+    expected = {entry["step"]: entry for entry in train_logs(straight)}
+    got = [entry for entry in train_logs(resumed) if entry["step"] > 2]  # 1 and 2 come from the checkpoint
+    assert [entry["step"] for entry in got] == [3, 4]
+    for entry in got:
+        for key in ("loss", "lm_loss", "att_loss"):
+            assert _close(entry[key], expected[entry["step"]][key], 1e-5), (key, entry, expected[entry["step"]])
+
+
+def test_a_sample_without_matched_words_contributes_the_lm_loss_only(world, llava):
+    trainer = build_trainer(build_config(_keys(world, llava, "nowords")))
+    record = trainer.train_dataset.records[0]
+    sample = trainer.train_dataset.prepare(record)
+    sample.words, sample.keys, sample.targets = [], [], sample.targets[:0]
+    batch = trainer.data_collator([sample])
+    assert not batch["lavender_word_mask"].any()
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    plain = {k: v for k, v in batch.items() if not k.startswith("lavender")}
+    torch.testing.assert_close(loss, model(**plain).loss)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in trainer.head.parameters())
+    trainer.capture.close()
+
+
+def test_bad_setups_fail_before_training(world, llava, tmp_path):
+    with pytest.raises(ConfigError, match="8×8 maps but att_resolution is 16"):
+        build_trainer(build_config(_keys(world, llava, "bad", att_resolution=16)))
+    with pytest.raises(ConfigError, match="made from the 'answer' text"):
+        build_trainer(build_config(_keys(world, llava, "bad", att_text="question")))
+    unsupported = tmp_path / "idefics3"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "idefics3"}))
+    with pytest.raises(ConfigError, match="'idefics3' is not supported; supported: .*llava"):
+        build_trainer(build_config(_keys(world, unsupported, "bad")))
+    other = tmp_path / "other.jsonl"
+    other.write_text(Path(world[1]).read_text().replace('"r', '"x'))
+    with pytest.raises(ConfigError, match="no record of .* has maps"):
+        build_trainer(build_config({**_keys(world, llava, "bad"), "train_file": str(other), "image_root": str(world[1].parent)}))
+
+
+TRAIN_SCRIPT = """
+import argparse, sys
+from lavender.training.command import add_arguments, run
+parser = argparse.ArgumentParser()
+add_arguments(parser)
+sys.exit(run(parser.parse_args(sys.argv[1:])))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_reach_the_losses_of_one(world, llava, tmp_path):
+    """DDP over gloo, 2 × batch 1 == 1 × batch 2: the same global batch, the same losses."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    keys = _keys(world, llava, "one", learning_rate=1e-3)
+    one = train(build_config(keys))
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({**keys, "output_dir": str(tmp_path / "two"), "per_device_train_batch_size": 1}))
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(config)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = train_logs(tmp_path / "two")
+    for a, b in zip(train_logs(one), two, strict=True):
+        for key in ("loss", "lm_loss", "att_loss"):
+            assert _close(a[key], b[key]), (key, a, b)
+        assert a["words_matched"] == b["words_matched"]
