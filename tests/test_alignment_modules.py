@@ -195,3 +195,19 @@ def test_parallel_attention_is_a_distribution_over_valid_image_keys():
     scores = q @ k.T / math.sqrt(8)
     scores[:, 3] = -math.inf
     torch.testing.assert_close(probs[0, 0].double(), scores.softmax(-1), atol=1e-6, rtol=0)
+
+
+def test_head_parallel_probs_cover_image_tokens_only():
+    torch.manual_seed(0)
+    head = AlignmentHead(heads=2, parallel_layers=[1], hidden_size=8)
+    hidden_states = tuple(torch.randn(1, 6, 8) for _ in range(3))
+    image_mask = torch.tensor([[False, True, True, True, False, False]])
+    probs = head.parallel_probs(hidden_states, torch.tensor([[4, 5, -1]]), image_mask)
+    assert probs.shape == (1, 1, 2, 3, 6)
+    torch.testing.assert_close(probs[..., 1:4].sum(-1), torch.ones(1, 1, 2, 3))
+    assert torch.all(probs[..., [0, 4, 5]] == 0)
+    # row 0 is the query at position 4 of layer 1's input
+    expected = head.parallel["1"](hidden_states[1][:, [4]], hidden_states[1], image_mask)
+    torch.testing.assert_close(probs[0, 0, :, 0], expected[0, :, 0])
+    again = AlignmentHead.from_description(head.describe())
+    assert again.parallel_layers == [1] and again.hidden_size == 8

@@ -178,3 +178,21 @@ def test_show_draws_teacher_and_vlm_rows(llava, data_and_store, tmp_path):
     assert title == "VLM" and list(maps) == ["square", "red"]  # the teacher's words, in its order
     assert all(m.shape == (8, 8) for m in maps.values())
     assert Image.open(figure).size[0] > Image.open(figure).size[1]  # image + 2 words per row, 2 rows
+
+
+def test_a_saved_alignment_head_adds_head_maps(llava, data_and_store, tmp_path):
+    import shutil
+
+    from lavender.alignment import AlignmentHead
+    from lavender.training.trainer import save_head
+
+    model_dir = shutil.copytree(llava, tmp_path / "tuned")
+    torch.manual_seed(0)
+    save_head(AlignmentHead(heads=4), model_dir)  # the tiny LLaVA's 4 attention heads
+    data, _ = data_and_store
+    out = tmp_path / "out"
+    _eval("--model", str(model_dir), "--data", str(data), "--output", str(out), "--max-new-tokens", "1")
+    rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
+    assert {(row["word"], row["map"]) for row in rows} == {("square", "raw"), ("square", "head")}
+    attention = json.loads((out / "metrics.json").read_text())["attention"]
+    assert attention["head"]["words"] == 1 and 0.0 <= attention["head"]["iou"] <= 1.0

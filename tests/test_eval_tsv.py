@@ -28,7 +28,7 @@ def _write_tsv(path, rows, columns):
         writer.writerows(rows)
 
 
-COLUMNS = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category"]
+COLUMNS = ["index", "image", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "AB"]
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def tsv(tmp_path):
     red, blue = _png_base64((255, 0, 0)), _png_base64((0, 0, 255), size=(9, 5))
     rows = [
         dict(index=0, image=red, question="Which colour?", hint="Look at\tthe square.", A="red", B="blue", C="green",
-             D="", answer="A", category="colour", **{"l2-category": "perception"}),
+             D="", answer="A", category="colour", AB="not an option", **{"l2-category": "perception"}),
         dict(index=1, image="0", question="Is it red?", answer="Yes", category="yes_no"),  # shares row 0's image
         dict(index=2, image=blue, question="What does it say?\nRead it.", answer="['stop', 'stop', 'Stop sign']",
              category="ocr"),
@@ -55,6 +55,7 @@ def test_reads_questions_options_answers_and_images(tsv):
     assert first.extra["options"] == {"A": "red", "B": "blue", "C": "green"}  # empty D is not an option
     assert first.extra["hint"] == "Look at\tthe square."
     assert first.extra["category"] == "colour" and first.extra["l2-category"] == "perception"
+    assert first.extra["AB"] == "not an option"
     assert np.asarray(load_image(first.image))[0, 0].tolist() == [255, 0, 0]
     assert load_image(records[1].image).size == (12, 8)  # the referenced row's image
     assert records[2].question == "What does it say?\nRead it."

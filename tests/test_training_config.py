@@ -102,3 +102,17 @@ def test_overrides_round_trip(values):
     for key, value in values.items():
         items += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     assert parse_overrides(items) == values
+
+
+def test_shipped_configs_use_known_keys(paths):
+    from importlib import resources
+
+    folder = resources.files("lavender") / "configs"
+    names = [entry.name for entry in folder.iterdir() if entry.name.endswith(".yaml")]
+    assert {"llava_lora.yaml", "mllama_lora.yaml"} <= set(names)
+    for name in names:
+        keys = yaml.safe_load((folder / name).read_text())
+        keys.update(paths)
+        keys.pop("bf16", None)  # needs a GPU to validate
+        config = build_config(keys)
+        assert config.lavender.att_weight == 10.0, name

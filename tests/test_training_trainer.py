@@ -195,3 +195,55 @@ def test_two_processes_reach_the_losses_of_one(world, llava, tmp_path):
         for key in ("loss", "lm_loss", "att_loss"):
             assert _close(a[key], b[key]), (key, a, b)
         assert a["words_matched"] == b["words_matched"]
+
+
+def test_parallel_attention_branch_trains_and_is_saved(world, llava):
+    trainer = build_trainer(build_config(_keys(world, llava, "parallel", att_source="parallel", learning_rate=1e-2)))
+    branch = trainer.head.parallel[str(trainer.head.parallel_layers[0])]
+    initial = branch.q_proj.weight.detach().clone()
+    trainer.train()
+    trainer.save_model()
+    assert all(entry["att_loss"] > 0 for entry in trainer.state.log_history if "loss" in entry)
+    assert not torch.allclose(branch.q_proj.weight, initial)  # L_att trained the new projections
+    saved = load_head(trainer.args.output_dir)
+    torch.testing.assert_close(saved.parallel[str(trainer.head.parallel_layers[0])].q_proj.weight, branch.q_proj.weight)
+    trainer.capture.close()
+
+
+def test_parallel_branch_is_refused_for_cross_attention_models(world, mllama):
+    with pytest.raises(ConfigError, match="att_source: parallel needs a self-attention VLM"):
+        build_trainer(build_config(_keys(world, mllama, "bad", att_source="parallel")))
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_aligner_warmup_keeps_the_alignment_loss_off_the_vlm(world, llava):
+    trainer = build_trainer(build_config(_keys(world, llava, "warmup", aligner_warmup_steps=5)))
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    model = trainer.model
+    model.train()
+    trainer.compute_loss(model, dict(batch)).backward()
+    warm = _lora_grads(model)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.head.parameters())
+    model.zero_grad()
+    plain = {k: v for k, v in batch.items() if not k.startswith("lavender")}
+    model(**plain).loss.backward()
+    lm_only = _lora_grads(model)
+    assert warm.keys() == lm_only.keys() and warm
+    for name in warm:
+        torch.testing.assert_close(warm[name], lm_only[name])  # L_att reached the aligner only
+    model.zero_grad()
+    trainer.aligner_warmup_steps = 0
+    trainer.compute_loss(model, dict(batch)).backward()
+    assert any(not torch.allclose(g, lm_only[n]) for n, g in _lora_grads(model).items())
+    trainer.capture.close()
+
+
+def test_activation_checkpointing_gives_the_same_losses(world, llava):
+    plain = train(build_config(_keys(world, llava, "no_checkpointing", max_steps=1)))
+    checkpointed = train(build_config(_keys(world, llava, "checkpointing", max_steps=1, activation_checkpointing=True)))
+    for a, b in zip(train_logs(plain), train_logs(checkpointed), strict=True):
+        for key in ("loss", "lm_loss", "att_loss", "grad_norm"):
+            assert _close(a[key], b[key]), (key, a, b)

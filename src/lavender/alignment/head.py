@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lavender.alignment.aggregation import get_aggregation
-from lavender.alignment.aligners import HIDDEN_CHANNELS, build_aligner
+from lavender.alignment.aligners import HIDDEN_CHANNELS, ParallelTextImageAttention, build_aligner
 from lavender.alignment.loss import normalize_maps
 
 
@@ -30,7 +30,12 @@ def word_maps(maps: torch.Tensor, word_rows: torch.Tensor) -> torch.Tensor:
 
 
 class AlignmentHead(nn.Module):
-    """Aggregation + aligner + per-word normalisation, by name."""
+    """Aggregation + aligner + per-word normalisation, by name.
+
+    With ``parallel_layers`` (and the model's ``hidden_size``) it also owns one
+    :class:`ParallelTextImageAttention` per layer: the maps then come from
+    :meth:`parallel_probs` instead of the model's own attention.
+    """
 
     def __init__(
         self,
@@ -39,6 +44,8 @@ class AlignmentHead(nn.Module):
         aligner: str = "sim",
         normalization: str = "minmax",
         hidden: int = HIDDEN_CHANNELS,
+        parallel_layers: list[int] | None = None,
+        hidden_size: int | None = None,
     ):
         super().__init__()
         self.aggregation_name, self.aligner_name, self.normalization = aggregation, aligner, normalization
@@ -46,6 +53,30 @@ class AlignmentHead(nn.Module):
         self.aggregation = get_aggregation(aggregation)
         self.aligner = build_aligner(aligner, self.aggregation.aligner_channels(heads), hidden)
         normalize_maps(torch.zeros(1, 1, 1), normalization)  # fail on a bad name now, not mid-training
+        self.parallel_layers = list(parallel_layers or [])
+        self.hidden_size = hidden_size
+        self.parallel = None
+        if self.parallel_layers:
+            if hidden_size is None:
+                raise ValueError("a parallel attention branch needs the model's hidden_size")
+            self.parallel = nn.ModuleDict(
+                {str(layer): ParallelTextImageAttention(hidden_size, heads) for layer in self.parallel_layers}
+            )
+
+    def parallel_probs(
+        self, hidden_states: tuple[torch.Tensor, ...], query_positions: torch.Tensor, image_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``(B, L, H, Q, T)``: per branch layer, each query row's attention over the sequence,
+        non-zero on image tokens only. ``hidden_states[l]`` is the input of decoder layer ``l``."""
+        if self.parallel is None:
+            raise RuntimeError("this head has no parallel attention branch")
+        rows = query_positions.clamp_min(0)
+        probs = []
+        for layer in self.parallel_layers:
+            states = hidden_states[layer]
+            text = torch.gather(states, 1, rows[..., None].expand(-1, -1, states.shape[-1]))
+            probs.append(self.parallel[str(layer)](text, states, image_mask))
+        return torch.stack(probs, dim=1)
 
     def forward(
         self, maps: torch.Tensor, word_rows: torch.Tensor, word_mask: torch.Tensor, detach_maps: bool = False
@@ -59,21 +90,27 @@ class AlignmentHead(nn.Module):
         return normalize_maps(self.aggregation(per_word, self.aligner), self.normalization)
 
     def describe(self) -> dict[str, str]:
-        """What a saved head needs to be rebuilt (stored next to its weights)."""
+        """What a saved head needs to be rebuilt (stored next to its weights, as strings)."""
         return {
             "heads": str(self.heads),
             "aggregation": self.aggregation_name,
             "aligner": self.aligner_name,
             "normalization": self.normalization,
             "hidden": str(self.hidden),
+            "parallel_layers": ",".join(map(str, self.parallel_layers)),
+            "hidden_size": str(self.hidden_size or ""),
         }
 
     @classmethod
     def from_description(cls, description: dict[str, str]) -> "AlignmentHead":
+        layers = description.get("parallel_layers", "")
+        hidden_size = description.get("hidden_size", "")
         return cls(
             heads=int(description["heads"]),
             aggregation=description["aggregation"],
             aligner=description["aligner"],
             normalization=description["normalization"],
             hidden=int(description["hidden"]),
+            parallel_layers=[int(layer) for layer in layers.split(",")] if layers else None,
+            hidden_size=int(hidden_size) if hidden_size else None,
         )

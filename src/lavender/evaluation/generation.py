@@ -44,6 +44,11 @@ def load_model(path: str | Path, base: str | Path | None = None, dtype: torch.dt
     else:
         raise FileNotFoundError(f"{path}: neither a model folder (config.json) nor a PEFT adapter (adapter_config.json)")
     processor = AutoProcessor.from_pretrained(processor_source)
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(
+            f"the processor in {processor_source} has no chat template; prompts are built with the model's own "
+            "template: add its chat_template.jinja to the folder"
+        )
     # Decoder-only generation appends after the last position: pad on the left, or padded rows
     # would continue from pad tokens.
     processor.tokenizer.padding_side = "left"

@@ -68,7 +68,8 @@ def _to_record(row: dict[str, Any], record_id: str, images: dict[str, str], path
     options = {
         column: value.strip()
         for column, value in row.items()
-        if column in string.ascii_uppercase and column and value is not None and value.strip() not in ("", "nan")
+        if column is not None and len(column) == 1 and column in string.ascii_uppercase
+        and value is not None and value.strip() not in ("", "nan")
     }
     if options:
         extra["options"] = dict(sorted(options.items()))

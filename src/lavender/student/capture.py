@@ -29,6 +29,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lavender.student.adapters import get_adapter
+
 ATTENTION_NAME = "lavender"
 
 # module → the capture that watches it. Weak, so a model that is dropped is not kept alive.
@@ -81,8 +83,6 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
-        from lavender.student.adapters import get_adapter
-
         self.model = model
         self.adapter = get_adapter(model)
         self._base = _pretrained_model(model)

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--image-size", type=int, default=64)
     for split in SPLITS:
         data.add_argument(f"--{split.name.replace('_', '-')}-size", type=int, default=split.size,
-                          dest=f"size_{split.name}", help=f"records in {split.name} (default {split.size})")
-    data.add_argument("--splits", nargs="+", default=None, help="only these splits (default: all)")
+                          dest=f"size_{split.name}", metavar="N", help=f"records in {split.name} (default {split.size})")
+    data.add_argument("--splits", nargs="+", default=None, choices=[s.name for s in SPLITS], metavar="SPLIT",
+                      help="only these splits (default: all)")
 
     from lavender.toy.dm import DMConfig
 

@@ -176,11 +176,13 @@ def _learning_rate(step: int, config: DMConfig) -> float:
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(data: str | Path, output: str | Path, config: DMConfig, device: str = "auto", log_every: int = 50) -> dict:
+def train(data: str | Path, output: str | Path, config: DMConfig, device: str = "auto", log_every: int = 50,
+          checkpoint_every: int = 100) -> dict:
     """Train the model on ``data``'s ``dm_pretrain`` split and save it to ``output``.
 
-    A checkpoint (``output/checkpoint.pt``, written atomically every ``log_every * 10`` steps)
-    lets an interrupted run resume where it stopped. Returns the training summary.
+    Every ``checkpoint_every`` steps the folder is refreshed with the current weights (so it
+    always holds a usable model; ``training.json`` says which step) and ``checkpoint.pt``
+    (written atomically) lets an interrupted run resume exactly. Returns the summary.
     """
     import torch
     from tqdm import tqdm
@@ -207,9 +209,25 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
-        start, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+        start, elapsed, losses = state["step"], state["elapsed"], [tuple(x) for x in state["losses"]]
 
     began = time.perf_counter() - elapsed
+
+    def summary(step: int) -> dict:
+        return {
+            "config": _jsonable(config),
+            "step": step,
+            "finished": step == config.steps,
+            "device": str(torch_device),
+            "wall_seconds": round(time.perf_counter() - began, 1),
+            "final_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+            "parameters": {
+                "unet": sum(p.numel() for p in unet.parameters()),
+                "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+            },
+        }
+
     running = []
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain-dm")
     for step in bar:
@@ -234,38 +252,30 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         running.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == config.steps:
-            losses.append((step + 1, float(np.mean(running))))
+        done = step + 1
+        if done % log_every == 0 or done == config.steps:
+            losses.append((done, float(np.mean(running))))
             bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
             running = []
-            if (step + 1) % (log_every * 10) == 0 and step + 1 < config.steps:
-                _atomic_torch_save(checkpoint_path, {
-                    "config": _jsonable(config), "step": step + 1, "elapsed": time.perf_counter() - began,
-                    "losses": losses, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                })
-    summary = {
-        "config": _jsonable(config),
-        "device": str(torch_device),
-        "wall_seconds": round(time.perf_counter() - began, 1),
-        "final_loss": losses[-1][1] if losses else None,
-        "losses": losses,
-        "parameters": {
-            "unet": sum(p.numel() for p in unet.parameters()),
-            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-        },
-    }
-    save(output, unet, text_encoder, tokenizer, scheduler, summary)
+        if done % checkpoint_every == 0 and done < config.steps:
+            save(output, unet, text_encoder, tokenizer, scheduler, summary(done))
+            _atomic_torch_save(checkpoint_path, {
+                "config": _jsonable(config), "step": done, "elapsed": time.perf_counter() - began,
+                "losses": losses, "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+            })
+    result = summary(config.steps)
+    save(output, unet, text_encoder, tokenizer, scheduler, result)
     checkpoint_path.unlink(missing_ok=True)
-    return summary
+    return result
 
 
 def save(output: Path, unet, text_encoder, tokenizer, scheduler, summary: dict) -> None:
     """The SD-1.x folder layout (no ``vae``: pixel space) plus ``training.json``."""
     import diffusers
 
-    unet.to("cpu").save_pretrained(output / "unet")
-    text_encoder.to("cpu").save_pretrained(output / "text_encoder")
+    unet.save_pretrained(output / "unet")
+    text_encoder.save_pretrained(output / "text_encoder")
     tokenizer.save_pretrained(output / "tokenizer")
     scheduler.save_pretrained(output / "scheduler")
     model_index = {

@@ -101,16 +101,20 @@ def allowed_pair(shape: str, color: str, config: SceneConfig) -> bool:
 
 
 def sample_scene(rng: np.random.Generator, config: SceneConfig = SceneConfig()) -> Scene:
-    """Draw a scene: 1–4 non-overlapping objects inside the image, on a background."""
+    """Draw a scene: 1–4 non-overlapping objects inside the image, on a background.
+
+    The number of objects is drawn first and kept while placement is retried, so crowded
+    scenes are as frequent as sparse ones.
+    """
+    count = int(rng.integers(config.min_objects, config.max_objects + 1))
     for _ in range(100):
-        scene = _try_sample_scene(rng, config)
+        scene = _try_sample_scene(rng, config, count)
         if scene is not None:
             return scene
-    raise RuntimeError(f"could not place objects for {config}; lower max_objects or the scale")
+    raise RuntimeError(f"could not place {count} objects for {config}; lower max_objects or the scale")
 
 
-def _try_sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene | None:
-    count = int(rng.integers(config.min_objects, config.max_objects + 1))
+def _try_sample_scene(rng: np.random.Generator, config: SceneConfig, count: int) -> Scene | None:
     pairs = [(s, c) for s in SHAPES for c in COLORS if allowed_pair(s, c, config)]
     held_out = sorted(HELD_OUT_PAIRS)
     scale = config.scale * config.size / _REFERENCE_SIZE

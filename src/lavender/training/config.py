@@ -78,6 +78,7 @@ class LavenderArguments:
     att_layers: list[int] | None = None  # None = the architecture's default layers
     att_resolution: int | None = None  # None = the targets' resolution; set it to insist on one
     att_text: Literal["answer", "question", "both"] = "answer"
+    att_source: Literal["model", "parallel"] = "model"  # parallel: new q/k per layer, for alignment only
     aggregation: str = "mean"
     aligner: str = "sim"
     aligner_hidden: int = 32
@@ -220,6 +221,7 @@ def _check_lavender(args: LavenderArguments) -> None:
         )
     choices = {
         "att_text": TEXT_SIDES,
+        "att_source": ("model", "parallel"),
         "aggregation": sorted(AGGREGATIONS),
         "aligner": sorted(ALIGNERS),
         "att_normalization": sorted(NORMALIZATIONS),

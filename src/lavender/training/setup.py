@@ -90,8 +90,24 @@ def build_trainer(config: TrainConfig):
     except ValueError as error:
         raise ConfigError(f"att_layers: {error}") from None
 
-    heads = model.config.get_text_config().num_attention_heads
-    head = AlignmentHead(heads, args.aggregation, args.aligner, args.att_normalization, args.aligner_hidden)
+    text_config = model.config.get_text_config()
+    parallel_layers = None
+    if args.att_source == "parallel":
+        if capture.adapter.attention_kind != "self-attention layer":
+            raise ConfigError(
+                f"att_source: parallel needs a self-attention VLM (image tokens in the sequence); "
+                f"{model.config.model_type} attends to the image through {capture.adapter.attention_kind}s"
+            )
+        parallel_layers = capture.layers
+    head = AlignmentHead(
+        text_config.num_attention_heads,
+        args.aggregation,
+        args.aligner,
+        args.att_normalization,
+        args.aligner_hidden,
+        parallel_layers=parallel_layers,
+        hidden_size=text_config.hidden_size,
+    )
     model.add_module(HEAD_NAME, head)
     if args.use_peft:
         model = _with_lora(model, config)
@@ -112,7 +128,8 @@ def build_trainer(config: TrainConfig):
         logger.warning("%d of %d records have no teacher maps; they train with L_LM only", without_maps, len(records))
 
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
-    collator = LavenderCollator(processor, image_token_id(model.config))
+    image_token = image_token_id(model.config)
+    collator = LavenderCollator(processor, image_token)
     collator([dataset[0]])  # one real batch: template, tokenizer and targets agree
 
     decay_steps = args.att_weight_decay_steps or max(training.max_steps, 1)
@@ -125,6 +142,7 @@ def build_trainer(config: TrainConfig):
         capture=capture,
         head=head,
         resolution=store.resolution,
+        image_token_id=image_token,
         att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,
         att_every_n_steps=args.att_every_n_steps,

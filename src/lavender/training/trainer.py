@@ -68,6 +68,7 @@ class LavenderTrainer(Trainer):
         capture,
         head: AlignmentHead,
         resolution: int,
+        image_token_id: int,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
         att_every_n_steps: int = 0,
@@ -77,6 +78,7 @@ class LavenderTrainer(Trainer):
         self.capture = capture
         self.head = head
         self.resolution = resolution
+        self.image_token_id = image_token_id
         self.att_weight = att_weight
         self.aligner_warmup_steps = aligner_warmup_steps
         self.att_every_n_steps = att_every_n_steps
@@ -106,15 +108,25 @@ class LavenderTrainer(Trainer):
         counts = inputs.pop(COUNTS_KEY)
         examples = inputs.pop(EXAMPLES_KEY)
 
-        with self.capture.record(query_positions):
-            lm_loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
         image_sizes = [(example.image.height, example.image.width) for example in examples]
-        maps = self.capture.maps(inputs, size=self.resolution, image_sizes=image_sizes)  # (B, L, H, Q, R, R)
+        if self.head.parallel is None:
+            with self.capture.record(query_positions):
+                lm_loss, outputs = super().compute_loss(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            maps = self.capture.maps(inputs, size=self.resolution, image_sizes=image_sizes)  # (B, L, H, Q, R, R)
+            query_mask = self.capture.query_mask
+        else:
+            lm_loss, outputs = super().compute_loss(
+                model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            image_mask = inputs["input_ids"] == self.image_token_id
+            probs = self.head.parallel_probs(outputs.hidden_states, query_positions, image_mask)
+            maps = self.capture.adapter.place(probs, inputs, self.resolution, image_sizes)
+            query_mask = self.capture.adapter.query_mask(inputs, query_positions)
 
         # rows that cannot see the image (padding; Mllama text before <|image|>) give no map
-        visible = torch.gather(self.capture.query_mask, 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
+        visible = torch.gather(query_mask & (query_positions >= 0), 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
         word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
         word_mask = word_mask & (word_rows >= 0).any(dim=-1)
 

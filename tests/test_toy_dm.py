@@ -1,0 +1,99 @@
+"""The toy diffusion model: word-level tokenizer, a few training steps, the saved folder, quality."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lavender.toy.dm import DMConfig, build_tokenizer, train
+from lavender.toy.quality import auroc, cell_mask, score_map
+from lavender.toy.splits import write_world
+from lavender.toy.texts import vocabulary
+from lavender.words import split_words, tokens_of_words
+
+TINY = DMConfig(image_size=16, block_out_channels=(16, 16, 16), text_hidden=16, heads=2, steps=2, batch_size=2,
+                warmup_steps=1)
+
+
+def test_every_world_word_is_one_token_with_exact_offsets():
+    tokenizer = build_tokenizer()
+    text = "Where is the big red circle relative to the small blue square?"
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    tokens = tokenizer.convert_ids_to_tokens(encoded.input_ids)
+    assert tokens[0] == "<bos>" and tokens[-1] == "<eos>" and "<unk>" not in tokens
+    words = split_words(text)
+    groups = tokens_of_words(encoded.offset_mapping, words)
+    assert all(len(group) == 1 for group in groups)
+    assert [tokens[g[0]] for g in groups] == [w.key for w in words]
+    assert len(tokenizer) == len(set(vocabulary())) + 4 + 3  # specials and punctuation
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a zebra").input_ids)[2] == "<unk>"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dm")
+    write_world(root / "world", seed=1, sizes={"dm_pretrain": 6, "val": 3}, splits=("dm_pretrain", "val"),
+                progress=False)
+    summary = train(root / "world", root / "model", TINY, device="cpu", log_every=1, checkpoint_every=1)
+    return root, summary
+
+
+def test_training_saves_a_folder_diffusers_and_transformers_load(trained):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    root, summary = trained
+    model = root / "model"
+    assert summary["finished"] and summary["step"] == 2 and len(summary["losses"]) == 2
+    assert np.isfinite(summary["final_loss"])
+    assert not (model / "checkpoint.pt").exists(), "the resume checkpoint is removed once finished"
+    assert json.loads((model / "training.json").read_text())["step"] == 2
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(model / "scheduler")
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert unet.config.in_channels == 3 and not (model / "vae").exists(), "pixel space: no VAE"
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == [None, None]
+    ids = tokenizer(["a red circle"], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = text_encoder(ids).last_hidden_state
+        out = unet(torch.zeros(1, 3, 16, 16), torch.tensor([10]), hidden).sample
+    assert out.shape == (1, 3, 16, 16)
+
+
+def test_teacher_reads_the_model_and_quality_is_scored(trained):
+    from lavender.toy.quality import measure
+
+    root, _ = trained
+    result = measure(root / "model", root / "world", split="val", texts=("caption", "question"), batch_size=2,
+                     resolutions=(16, 8))
+    assert result["records"] == 3
+    for text in ("caption", "question"):
+        overall = result["scores"][text]["all"]
+        assert overall["words"] > 0 and 0.0 <= overall["pointing"] <= 1.0
+
+
+def test_auroc_and_pointing_against_hand_computed_cases():
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    assert auroc(np.array([1.0, 1.0]), np.array([True, False])) == 0.5  # a tie is a coin flip
+    assert auroc(np.array([1.0, 2.0]), np.array([True, True])) is None
+    word_map = np.zeros((4, 4))
+    word_map[1, 2] = 1.0
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1, 2] = mask[1, 3] = True
+    # the peak beats all 14 background cells, the other object cell ties with them: (14 + 7) / 28
+    assert score_map(word_map, mask) == {"hit": True, "auroc": 0.75, "chance": 2 / 16}
+
+
+def test_cell_mask_keeps_cells_at_least_half_covered():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[0:2, 0:2] = True  # one whole 2×2 cell
+    mask[4, 4:6] = True  # half a cell
+    mask[6, 6] = True  # a quarter
+    cells = cell_mask(mask, 4)
+    assert cells[0, 0] and cells[2, 2] and not cells[3, 3] and cells.sum() == 2
