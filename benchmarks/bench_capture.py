@@ -10,6 +10,8 @@ Three ways to run one training step (forward, loss, backward) on the same model 
 
 Each mode runs in its own subprocess, so the peak memory of one does not hide another's
 (CPU: peak resident set size from ``resource``; CUDA: ``torch.cuda.max_memory_allocated``).
+Step time is the fastest of ``--steps`` steps after a warm-up: wall time on CUDA, process CPU
+time (all threads) on CPU, where a shared machine makes wall time meaningless.
 
     python benchmarks/bench_capture.py                       # CPU: small LLaVA- and Mllama-shaped models
     python benchmarks/bench_capture.py --mllama-11b          # GPU: Llama-3.2-11B-Vision shapes, bf16, LoRA
@@ -145,16 +147,19 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
         if device == "cuda":
             torch.cuda.synchronize()
 
+    # CUDA: wall time. CPU: process time (all threads), which other jobs on a shared machine
+    # barely disturb, unlike wall time.
+    clock = time.perf_counter if device == "cuda" else time.process_time
     step()  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         sync()
-        start = time.perf_counter()
+        start = clock()
         step()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:

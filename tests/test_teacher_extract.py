@@ -177,3 +177,18 @@ def test_pixel_space_model_without_vae():
     [result] = teacher.word_maps([random_image(3).convert("L")], [{"answer": "a green triangle"}], [0])
     assert set(result.maps) == {"a", "green", "triangle"}
     assert all(np.isfinite(m).all() for m in result.maps.values())
+
+
+def test_only_cross_attention_blocks_are_probed_on_both_attention_modules(tmp_path):
+    """Blocks built with only_cross_attention attend to the text in attn1 as well (the toy teacher's kind)."""
+    import shutil
+
+    model = shutil.copytree(tiny_sd(vae=False), tmp_path / "model")
+    config = UNet2DConditionModel.load_config(model / "unet")
+    UNet2DConditionModel.from_config({**config, "only_cross_attention": [True, False]}).save_pretrained(model / "unet")
+    teacher = Teacher(model, ExtractionSettings(timesteps=(300,)))
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1" in teacher.layers
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in teacher.layers
+    assert not any(name.startswith("down_blocks.1") for name in teacher.layers)
+    [result] = teacher.word_maps([random_image(4)], [{"answer": "a red star"}], [0])
+    assert set(result.maps) == {"a", "red", "star"}

@@ -122,7 +122,7 @@ def assert_same_store(left: Path, right: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, teacher):
     """Eight records (one failing) and the store of one uninterrupted in-process run."""
     folder = tmp_path_factory.mktemp("resume")
     manifest = write_dataset(folder / "data", 8)
@@ -130,7 +130,6 @@ def dataset(tmp_path_factory):
     lines[5] = json.dumps({"id": "r5", "image": "missing.png", "question": "q", "answer": "a cat"})
     manifest.write_text("\n".join(lines) + "\n")
     reference = folder / "reference"
-    teacher = Teacher(tiny_sd(), SETTINGS)
     extract_targets(read_records(manifest), teacher, reference, data=manifest, shard_size=2, batch_size=2, progress=False)
     return manifest, reference
 

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cross-attention map sizes to use, e.g. 64,32,16 for SD-1.x at 512 px "
                         "(default: all but the coarsest)")
     method.add_argument("--layers", default=None,
-                        help="regex over attn2 module names to keep, e.g. '^up_blocks' (default: all)")
+                        help="regex over cross-attention module names to keep, e.g. '^up_blocks' (default: all)")
     method.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default=defaults.normalize,
                         help="per-word normalisation (default: %(default)s)")
     method.add_argument("--image-size", type=int, default=None,

@@ -6,7 +6,7 @@ For a batch of (image, text) pairs, one UNet call does all the work:
    without a VAE uses the pixels), the text once by the text encoder;
 2. each latent is noised at K timesteps (``scheduler.add_noise``, seeded per record) and
    the B·K copies go through the UNet together; no classifier-free guidance is needed;
-3. only the chosen cross-attention modules (``attn2``) get :class:`CrossAttentionProbe`,
+3. only the chosen cross-attention modules (``attn2`` in SD) get :class:`CrossAttentionProbe`,
    which computes the softmax explicitly in fp32 and adds the head-mean probabilities to an
    accumulator on a common grid; self-attention keeps the fast SDPA path;
 4. the accumulator is averaged over layers and timesteps, sub-tokens are summed into words
@@ -68,7 +68,7 @@ class ExtractionSettings:
     resolution: int = 32  # stored maps are R×R
     timesteps: tuple[int, ...] = (100, 300, 500)
     resolutions: tuple[int, ...] | None = None  # attention-map sizes to keep; None: all but the coarsest
-    layers: str | None = None  # optional regex over attn2 module names, applied after `resolutions`
+    layers: str | None = None  # optional regex over cross-attention module names, applied after `resolutions`
     normalize: str = "minmax"
     image_size: int | None = None  # None: the model's native size (unet sample size × VAE factor)
     seed: int = 0
@@ -175,15 +175,17 @@ class AttentionAccumulator:
 
 
 def cross_attention_levels(unet) -> dict[str, int]:
-    """Each ``attn2`` module's downsampling factor relative to the latent (1, 2, 4, ...).
+    """Each text cross-attention module's downsampling factor relative to the latent (1, 2, 4, ...).
 
-    In ``UNet2DConditionModel`` every down block but the last ends with a downsampler and
-    every up block but the last with an upsampler, so the factor follows from the block index.
+    These are the ``attn2`` modules, and also ``attn1`` in blocks built with
+    ``only_cross_attention`` (where both attend to the text). In ``UNet2DConditionModel``
+    every down block but the last ends with a downsampler and every up block but the last
+    with an upsampler, so the factor follows from the block index.
     """
     depth = len(unet.config.block_out_channels) - 1
     levels = {}
-    for name, _ in unet.named_modules():
-        if not name.endswith("attn2"):
+    for name, module in unet.named_modules():
+        if not (name.endswith(("attn1", "attn2")) and getattr(module, "is_cross_attention", False)):
             continue
         block, _, rest = name.partition(".")
         if block == "down_blocks":
@@ -195,7 +197,7 @@ def cross_attention_levels(unet) -> dict[str, int]:
         else:
             raise ValueError(f"cannot place cross-attention module {name!r} in the UNet's resolutions")
     if not levels:
-        raise ValueError("the UNet has no cross-attention (attn2) modules: is it text-conditioned?")
+        raise ValueError("the UNet has no text cross-attention modules: is it text-conditioned?")
     return levels
 
 
@@ -266,12 +268,13 @@ class Teacher:
         self.image_size = settings.image_size or self.unet.config.sample_size * vae_factor
         self.latent_size = self.image_size // vae_factor
         self.context_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        self.layers = self._choose_layers()
+        self.layers, self.grid = self._choose_layers()
         self.accumulator = AttentionAccumulator()
         for name in self.layers:
             self.unet.get_submodule(name).set_processor(CrossAttentionProbe(self.accumulator))
 
-    def _choose_layers(self) -> list[str]:
+    def _choose_layers(self) -> tuple[list[str], int]:
+        """The cross-attention modules to probe, and the common grid: the finest of their sizes."""
         levels = cross_attention_levels(self.unet)
         sizes = {name: self.latent_size // factor for name, factor in levels.items()}
         available = sorted(set(sizes.values()), reverse=True)
@@ -287,13 +290,7 @@ class Teacher:
             layers = [name for name in layers if pattern.search(name)]
         if not layers:
             raise ValueError(f"no cross-attention layer matches --layers {self.settings.layers!r} among {sorted(sizes)}")
-        return layers
-
-    @property
-    def grid(self) -> int:
-        """The common canvas: the finest chosen attention resolution."""
-        levels = cross_attention_levels(self.unet)
-        return max(self.latent_size // levels[name] for name in self.layers)
+        return layers, max(sizes[name] for name in layers)
 
     def describe(self) -> dict:
         """Model identity and the resolved choices, for the store's metadata."""

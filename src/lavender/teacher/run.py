@@ -47,12 +47,11 @@ def records_fingerprint(records: list[Record]) -> dict:
 
 
 def _texts(record: Record, text: str) -> dict[str, str]:
-    """The record's text per side; raises ValueError naming an empty one."""
+    """The record's text per side; raises ValueError when all of them are empty."""
     sides = SIDES if text == "both" else (text,)
     texts = {side: record.text(side).strip() for side in sides}
-    empty = [side for side, value in texts.items() if not value]
-    if empty:
-        raise ValueError(f"empty {' and '.join(empty)} text")
+    if not any(texts.values()):
+        raise ValueError(f"empty {' and '.join(sides)} text")
     return texts
 
 

@@ -3,6 +3,7 @@
     lavender toy data --output runs/world                     # all splits, seed 0
     lavender toy pretrain-dm --data runs/world --output runs/toy-dm
     lavender toy dm-quality --model runs/toy-dm --data runs/world
+    lavender toy pretrain-vlm --data runs/world --arch llava --output runs/toy-llava
 
 See docs/toy.md for the record format and the recorded runs.
 """
@@ -55,8 +56,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
     quality.add_argument("--device", default="auto")
 
+    from lavender.toy.vlm import ARCHS, VLMConfig
+
+    vlm_defaults = VLMConfig()
+    vlm = actions.add_parser("pretrain-vlm", help="train a small LLaVA or Mllama on the world's vlm_pretrain split")
+    vlm.add_argument("--data", required=True, type=Path, help="a world folder written by `lavender toy data`")
+    vlm.add_argument("--arch", required=True, choices=ARCHS)
+    vlm.add_argument("--output", required=True, type=Path)
+    vlm.add_argument("--steps", type=int, default=vlm_defaults.steps)
+    vlm.add_argument("--batch-size", type=int, default=vlm_defaults.batch_size)
+    vlm.add_argument("--learning-rate", type=float, default=vlm_defaults.learning_rate)
+    vlm.add_argument("--text-hidden", type=int, default=vlm_defaults.text_hidden)
+    vlm.add_argument("--vision-hidden", type=int, default=vlm_defaults.vision_hidden)
+    vlm.add_argument("--seed", type=int, default=vlm_defaults.seed)
+    vlm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.toy_command == "pretrain-vlm":
+        return _pretrain_vlm(args)
     if args.toy_command == "data":
         return _data(args)
     if args.toy_command == "pretrain-dm":
@@ -108,4 +126,16 @@ def _dm_quality(args: argparse.Namespace) -> int:
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _pretrain_vlm(args: argparse.Namespace) -> int:
+    from lavender.toy.dm import resolve_device
+    from lavender.toy.vlm import VLMConfig, pretrain
+
+    config = VLMConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, text_hidden=args.text_hidden,
+                       vision_hidden=args.vision_hidden, seed=args.seed)
+    summary = pretrain(args.data, args.output, config, device=str(resolve_device(args.device)))
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0

@@ -1,24 +1,463 @@
-"""The whole method on the toy world, measured (issue 4). Not built yet.
+"""The whole method on the toy world, measured: plain SFT vs Lavender vs an oracle.
 
-What exists today: ``lavender toy data`` (the world), ``lavender toy pretrain-dm`` (the
-teacher diffusion model) and ``lavender toy dm-quality`` (its map quality). The VLM
-pretraining and the SFT / Lavender / oracle comparison are still to come.
+For each VLM (a small LLaVA and a small Mllama, pretrained by ``lavender toy pretrain-vlm``):
+
+1. teacher maps for the SFT records, from the toy diffusion model (``lavender targets``);
+   an oracle target store made of the ground-truth masks of the same words;
+2. three fine-tunes per seed (``lavender train``, full fine-tuning): ``sft`` (λ = 0),
+   ``lavender`` (λ > 0, teacher maps) and ``oracle`` (λ > 0, mask maps);
+3. each model, and the pretrained one, evaluated on ``test_id`` and ``test_ood``
+   (``lavender eval``: accuracy, and attention against teacher maps and masks).
+
+The results (``results.json``, ``results.md``) give accuracy per arm, split and question type
+as the mean and 95 % interval over seeds, the teacher's own map quality, and the VLMs'
+attention before and after; ``figures/`` holds per-word maps and an accuracy bar chart.
+
+example:
+  lavender demo --quick --output runs/demo-quick       # 1 seed, a few steps: a smoke run
+  lavender demo --output runs/demo                     # 3 seeds, the numbers in docs/toy.md
+  lavender demo --weights DIR                          # DIR/dm, DIR/llava, DIR/mllama
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+WEIGHTS = Path(__file__).parent / "weights"
+ARMS = ("sft", "lavender", "oracle")
+EVAL_SPLITS = ("test_id", "test_ood")
+# Student t quantiles (two-sided 95 %) by degrees of freedom, for intervals over a few seeds.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the experiment runs; the defaults are the recorded demo, ``QUICK`` the smoke run."""
+
+    archs: tuple[str, ...] = ("llava", "mllama")
+    seeds: int = 3
+    sft_size: int = 1000
+    eval_size: int = 300
+    steps: int = 150
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    att_weight: float = 1.0
+    text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
+    resolution: int = 8  # the VLMs see an 8×8 patch grid
+    timesteps: tuple[int, ...] = (300, 500)
+    world_seed: int = 0
+
+
+QUICK = DemoSettings(seeds=1, sft_size=48, eval_size=24, steps=6, batch_size=4)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No options yet: the demo is not built."""
+    from lavender.toy.vlm import ARCHS
+
+    defaults = DemoSettings()
+    parser.add_argument("--quick", action="store_true", help="1 seed, few records and steps (a smoke run)")
+    parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder to write (default: %(default)s)")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS,
+                        help="folder with dm/, llava/, mllama/ (default: the committed weights)")
+    parser.add_argument("--dm", type=Path, default=None, help="the diffusion model folder (default: WEIGHTS/dm)")
+    parser.add_argument("--world", type=Path, default=None,
+                        help="an existing world folder (default: write one under OUTPUT/world)")
+    parser.add_argument("--arch", nargs="+", choices=ARCHS, default=None, help="VLMs to run (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {defaults.seeds})")
+    parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps (default {defaults.steps})")
+    parser.add_argument("--att-weight", type=float, default=None, help=f"λ (default {defaults.att_weight})")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(
-        "lavender demo is not built yet. Available now: `lavender toy data`, "
-        "`lavender toy pretrain-dm`, `lavender toy dm-quality` (see docs/toy.md).",
-        file=sys.stderr,
-    )
-    return 2
+    settings = QUICK if args.quick else DemoSettings()
+    overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
+                 "att_weight": args.att_weight}
+    settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        models = locate_models(args.weights, args.dm, settings.archs)
+    except FileNotFoundError as error:
+        print(f"lavender demo: {error}")
+        return 2
+    results = run_demo(settings, models, args.output, world=args.world)
+    print(format_results(results))
+    print(f"\nwrote {args.output}/results.md, results.json and figures/")
+    return 0
+
+
+def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
+    """``{"dm": ..., arch: ...}``; a clear error naming the command that makes a missing one."""
+    models = {"dm": dm or weights / "dm", **{arch: weights / arch for arch in archs}}
+    for name, path in models.items():
+        if not (path / ("model_index.json" if name == "dm" else "config.json")).is_file():
+            make = ("lavender toy pretrain-dm --data WORLD --output " if name == "dm"
+                    else f"lavender toy pretrain-vlm --data WORLD --arch {name} --output ")
+            raise FileNotFoundError(
+                f"no {name} model in {path}; make one with `lavender toy data --output WORLD` then "
+                f"`{make}{path}` (or point --weights / --dm at a folder holding it)"
+            )
+    return models
+
+
+# ---------------------------------------------------------------- the experiment
+
+def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, world: Path | None = None) -> dict:
+    """Run every step (each resumes: a finished step's output is reused); returns the results."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    world = world or _write_world(output / "world", settings)
+    data = {split: _subset(world, split, size, output / "data")
+            for split, size in (("sft", settings.sft_size), *((s, settings.eval_size) for s in EVAL_SPLITS))}
+    stores = {split: _teacher_targets(models["dm"], data[split], output / "targets" / split, settings)
+              for split in data}
+    oracle = write_mask_store(data["sft"], output / "targets" / "oracle", settings.resolution, settings.text)
+
+    evaluations: dict[str, dict] = {}
+    for arch in settings.archs:
+        evaluations[f"{arch}/pretrained"] = _evaluate(models[arch], data, stores, output / "eval" / arch / "pretrained")
+        for arm in ARMS:
+            for seed in range(settings.seeds):
+                name = f"{arch}/{arm}/seed{seed}"
+                targets = oracle if arm == "oracle" else stores["sft"]
+                weight = 0.0 if arm == "sft" else settings.att_weight
+                trained = _fine_tune(models[arch], data["sft"], targets, output / "train" / name, settings, weight, seed)
+                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name)
+
+    results = {
+        "settings": asdict(settings),
+        "models": {name: str(path) for name, path in models.items()},
+        "teacher": {split: teacher_quality(stores[split], data[split]) for split in stores},
+        "accuracy": accuracy_table(evaluations, settings),
+        "attention": attention_table(evaluations, settings),
+        "wall_seconds": round(time.time() - start, 1),
+    }
+    results["figures"] = _figures(models, data, stores, output, settings, results)
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "results.md").write_text(format_results(results) + "\n")
+    return results
+
+
+def _write_world(folder: Path, settings: DemoSettings) -> Path:
+    from lavender.toy.splits import write_world
+
+    sizes = {"sft": settings.sft_size, **{s: settings.eval_size for s in EVAL_SPLITS}}
+    write_world(folder, seed=settings.world_seed, sizes=sizes, splits=("sft", *EVAL_SPLITS), progress=False)
+    return folder
+
+
+def _subset(world: Path, split: str, size: int, folder: Path) -> Path:
+    """The first ``size`` records of ``split``, with absolute image and mask paths."""
+    path = Path(world) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; write it with `lavender toy data --output {world}`")
+    lines = path.read_text().splitlines()[:size]
+    root = path.parent.resolve()
+    records = []
+    for line in lines:
+        record = json.loads(line)
+        record["image"] = str(root / record["image"])
+        record["masks"] = {word: str(root / mask) for word, mask in record.get("masks", {}).items()}
+        records.append(json.dumps(record))
+    folder.mkdir(parents=True, exist_ok=True)
+    subset = folder / f"{split}.jsonl"
+    subset.write_text("\n".join(records) + "\n")
+    return subset
+
+
+def _cli(argv: list[str]) -> None:
+    """Run a ``lavender`` subcommand in this process, exactly as the command line would."""
+    from lavender.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    code = args._run(args)
+    if code:
+        raise RuntimeError(f"`lavender {' '.join(argv)}` failed with exit code {code}")
+
+
+def _teacher_targets(dm: Path, data: Path, store: Path, settings: DemoSettings) -> Path:
+    _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store), "--text", settings.text,
+          "--resolution", str(settings.resolution), "--timesteps", ",".join(map(str, settings.timesteps)),
+          "--device", "cpu"])
+    return store
+
+
+def write_mask_store(data: Path, store: Path, resolution: int, text: str) -> Path:
+    """A target store whose maps are the ground-truth masks of each record's words (the oracle).
+
+    Maps are each cell's mask coverage, min–max normalised like the teacher's; only words that
+    have a mask are stored, the others are listed as missing.
+    """
+    import numpy as np
+
+    from lavender.evaluation.attention import load_masks
+    from lavender.records import read_records
+    from lavender.teacher.run import records_fingerprint
+    from lavender.teacher.store import ShardRecord, finished_shards, prepare_store, write_shard
+    from lavender.words import split_words
+
+    records = read_records(data)
+    settings = {"text": text, "resolution": resolution, "normalize": "minmax", "source": "ground-truth masks"}
+    prepare_store(store, {"settings": settings, "model_fingerprint": "oracle", "layers": [],
+                          "records": records_fingerprint(records), "shard_size": len(records), "map_dtype": "float16"})
+    if finished_shards(store):
+        return store
+    stored = []
+    sides = ("question", "answer") if text == "both" else (text,)
+    for record in records:
+        masks = {key: _coverage(mask, resolution) for key, mask in load_masks(record, Path(data).parent).items()}
+        words: dict[str, dict] = {}
+        missing = []
+        for side in sides:
+            for word in split_words(record.text(side)):
+                if word.key in masks and masks[word.key].max() > 0:
+                    entry = words.setdefault(word.key, {"key": word.key, "text": word.text, "spans": []})
+                    entry["spans"].append([side, word.start, word.end])
+                else:
+                    missing.append({"text": word.text, "side": side, "start": word.start, "end": word.end})
+        maps = np.stack([masks[key] for key in words]) if words else np.zeros((0, resolution, resolution))
+        stored.append((ShardRecord(record.id, str(record.image), list(words.values()), missing), maps))
+    write_shard(store, 0, stored, [])
+    return store
+
+
+def _coverage(mask, resolution: int):
+    """The fraction of each of R×R cells the mask covers, min–max normalised."""
+    import numpy as np
+    from PIL import Image
+
+    cells = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((resolution, resolution), Image.Resampling.BOX))
+    span = cells.max() - cells.min()
+    return ((cells - cells.min()) / span if span > 0 else cells).astype(np.float32)
+
+
+def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
+               att_weight: float, seed: int) -> Path:
+    from lavender.training.config import build_config
+    from lavender.training.setup import train
+
+    if (output / "config.json").is_file():
+        return output
+    keys = {
+        "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
+        "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
+        "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 0,
+        "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,
+        "logging_steps": max(1, settings.steps // 10), "disable_tqdm": True, "use_cpu": True,
+    }
+    train(build_config(keys))
+    return output
+
+
+def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], output: Path) -> dict:
+    """``{split: metrics.json}`` for the test splits."""
+    metrics = {}
+    for split in EVAL_SPLITS:
+        folder = output / split
+        if not (folder / "metrics.json").is_file():
+            _cli(["eval", "--model", str(model), "--data", str(data[split]), "--output", str(folder),
+                  "--targets", str(stores[split]), "--max-new-tokens", "6", "--batch-size", "16",
+                  "--device", "cpu", "--dtype", "float32"])
+        metrics[split] = json.loads((folder / "metrics.json").read_text())
+    return metrics
+
+
+# ---------------------------------------------------------------- summaries
+
+def mean_interval(values: list[float]) -> dict:
+    """Mean and 95 % Student-t interval half-width over seeds (None with one seed)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n, "values": values}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "ci95": _T95.get(n - 1, 1.96) * sd / math.sqrt(n), "n": n, "values": values}
+
+
+def accuracy_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict:
+    """Per arch, arm and split: overall and per-question-type accuracy over seeds; Lavender − SFT."""
+    table: dict = {}
+    for arch in settings.archs:
+        table[arch] = {}
+        runs = {"pretrained": [evaluations[f"{arch}/pretrained"]],
+                **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in ARMS}}
+        for arm, metrics in runs.items():
+            table[arch][arm] = {}
+            for split in EVAL_SPLITS:
+                types = sorted(metrics[0][split].get("by_question_type", {}))
+                table[arch][arm][split] = {
+                    "overall": mean_interval([m[split]["overall"]["score"] for m in metrics]),
+                    "by_question_type": {
+                        t: mean_interval([m[split]["by_question_type"][t]["score"] for m in metrics]) for t in types
+                    },
+                }
+        for split in EVAL_SPLITS:
+            score = {arm: [m[split]["overall"]["score"] for m in runs[arm]] for arm in ARMS}
+            gain = [lav - sft for lav, sft in zip(score["lavender"], score["sft"])]
+            oracle_gain = [o - sft for o, sft in zip(score["oracle"], score["sft"])]
+            mean_oracle = sum(oracle_gain) / len(oracle_gain)
+            table[arch].setdefault("lavender_minus_sft", {})[split] = mean_interval(gain)
+            table[arch].setdefault("oracle_minus_sft", {})[split] = mean_interval(oracle_gain)
+            table[arch].setdefault("recovered_of_oracle_gain", {})[split] = (
+                sum(gain) / len(gain) / mean_oracle if mean_oracle > 0 else None
+            )
+    return table
+
+
+def attention_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict:
+    """The VLMs' raw attention vs teacher maps and masks: pretrained, then each arm (seed means)."""
+    names = ("entropy", "pearson", "mse", "pointing", "iou")
+    table: dict = {}
+    for arch in settings.archs:
+        runs = {"pretrained": [evaluations[f"{arch}/pretrained"]],
+                **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in ARMS}}
+        table[arch] = {
+            arm: {split: {name: _mean_of(m[split].get("attention", {}).get("raw", {}).get(name) for m in metrics)
+                          for name in names}
+                  for split in EVAL_SPLITS}
+            for arm, metrics in runs.items()
+        }
+    return table
+
+
+def _mean_of(values) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def teacher_quality(store_path: Path, data: Path) -> dict:
+    """The teacher's maps against the masks: pointing accuracy, IoU and entropy per word."""
+    from lavender.evaluation.attention import load_masks, mask_on_grid, summarize_words, word_metrics
+    from lavender.records import read_records
+    from lavender.teacher.store import open_store
+
+    store = open_store(store_path)
+    rows = []
+    for record in read_records(data):
+        if record.id not in store:
+            continue
+        maps = store.get(record.id)
+        for key, mask in load_masks(record, Path(data).parent).items():
+            if key in maps:
+                metrics = word_metrics(maps[key], mask_grid=mask_on_grid(mask, store.resolution))
+                rows.append({"id": record.id, "word": key, "map": "teacher", **metrics})
+    summary = summarize_words(rows).get("teacher", {"words": 0})
+    return {key: summary.get(key) for key in ("words", "pointing", "iou", "entropy")}
+
+
+# ---------------------------------------------------------------- figures and text
+
+def _figures(models, data, stores, output: Path, settings: DemoSettings, results: dict) -> list[str]:
+    paths = [str(accuracy_chart(results["accuracy"], settings, output / "figures" / "accuracy.png"))]
+    for arch in settings.archs:
+        paths += [str(p) for p in word_map_figures(
+            models[arch], output / "train" / arch / "lavender" / "seed0", data["test_ood"], stores["test_ood"],
+            output / "figures", arch)]
+    return paths
+
+
+def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, folder: Path, arch: str,
+                     examples: int = 3) -> list[Path]:
+    """Per example: the masks, the teacher's maps, the VLM's before and after fine-tuning."""
+    from lavender.evaluation.attention import load_masks, record_word_maps
+    from lavender.evaluation.generation import load_model
+    from lavender.figures import plot_word_maps
+    from lavender.images import load_image
+    from lavender.records import read_records
+    from lavender.teacher.store import open_store
+
+    store = open_store(store_path)
+    side = store.metadata["settings"]["text"]
+    records = [r for r in read_records(data) if r.id in store and r.extra.get("masks")][:examples]
+    loaded = {"VLM before": load_model(before), "VLM after (Lavender)": load_model(after)}
+    paths = []
+    for record in records:
+        teacher = store.get(record.id)
+        keys = list(teacher)
+        rows = {"mask": {k: m.astype(float) for k, m in load_masks(record, Path(data).parent).items() if k in keys},
+                "teacher": teacher}
+        for title, (model, processor) in loaded.items():
+            rows[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=side)
+        paths.append(plot_word_maps(load_image(record.image), rows, folder / f"maps_{arch}_{record.id}.png"))
+    return paths
+
+
+def accuracy_chart(accuracy: dict, settings: DemoSettings, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = ("pretrained", *ARMS)
+    panels = [(arch, split) for arch in settings.archs for split in EVAL_SPLITS]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    for axis, (arch, split) in zip(axes[0], panels):
+        entries = [accuracy[arch][arm][split]["overall"] for arm in arms]
+        axis.bar(arms, [100 * e["mean"] for e in entries],
+                 yerr=[100 * (e["ci95"] or 0) for e in entries], capsize=3,
+                 color=["#999999", "#4c72b0", "#c44e52", "#55a868"])
+        axis.set_title(f"{arch} · {split}", fontsize=10)
+        axis.set_ylim(0, 100)
+        axis.tick_params(axis="x", labelrotation=30, labelsize=8)
+    axes[0][0].set_ylabel(f"accuracy % (mean, 95% CI over {settings.seeds} seed(s))")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return "–"
+    interval = f" ± {100 * entry['ci95']:.1f}" if entry.get("ci95") is not None else ""
+    return f"{100 * entry['mean']:.1f}{interval}"
+
+
+def _number(value: float | None, percent: bool = False) -> str:
+    return "–" if value is None else (f"{100 * value:.1f}" if percent else f"{value:.3f}")
+
+
+def format_results(results: dict) -> str:
+    """Markdown: accuracy, Lavender − SFT, teacher quality, attention before/after."""
+    settings = results["settings"]
+    lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
+             f"λ = {settings['att_weight']}, {settings['sft_size']} SFT records, {settings['eval_size']} per test split)",
+             "", "Accuracy % (mean ± 95 % interval over seeds):", "",
+             "| VLM | arm | " + " | ".join(EVAL_SPLITS) + " |", "|---|---|" + "---|" * len(EVAL_SPLITS)]
+    accuracy = results["accuracy"]
+    for arch, arms in accuracy.items():
+        for arm in ("pretrained", *ARMS):
+            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(arms[arm][s]["overall"]) for s in EVAL_SPLITS) + " |")
+        lines.append(f"| {arch} | lavender − sft | "
+                     + " | ".join(_cell(arms["lavender_minus_sft"][s]) for s in EVAL_SPLITS) + " |")
+        lines.append(f"| {arch} | oracle − sft | "
+                     + " | ".join(_cell(arms["oracle_minus_sft"][s]) for s in EVAL_SPLITS) + " |")
+        lines.append(f"| {arch} | share of oracle gain | "
+                     + " | ".join(_number(arms["recovered_of_oracle_gain"][s]) for s in EVAL_SPLITS) + " |")
+    lines += ["", "Accuracy % by question type (test_ood):", ""]
+    types = sorted({t for arms in accuracy.values() for t in arms["sft"]["test_ood"]["by_question_type"]})
+    lines += ["| VLM | arm | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
+    for arch, arms in accuracy.items():
+        for arm in ("pretrained", *ARMS):
+            by_type = arms[arm]["test_ood"]["by_question_type"]
+            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(by_type.get(t)) for t in types) + " |")
+    lines += ["", "Teacher maps vs ground-truth masks (per word):", "",
+              "| split | words | pointing % | IoU | entropy |", "|---|---|---|---|---|"]
+    for split, quality in results["teacher"].items():
+        lines.append(f"| {split} | {quality['words']} | {_number(quality['pointing'], True)} | "
+                     f"{_number(quality['iou'])} | {_number(quality['entropy'])} |")
+    lines += ["", "VLM attention (raw: mean over captured layers and heads) on test_ood:", "",
+              "| VLM | model | entropy | pearson vs teacher | pointing % | IoU |", "|---|---|---|---|---|---|"]
+    for arch, arms in results["attention"].items():
+        for arm, splits in arms.items():
+            a = splits["test_ood"]
+            lines.append(f"| {arch} | {arm} | {_number(a['entropy'])} | {_number(a['pearson'])} | "
+                         f"{_number(a['pointing'], True)} | {_number(a['iou'])} |")
+    lines += ["", f"Wall time: {results['wall_seconds']:.0f} s."]
+    return "\n".join(lines)

@@ -143,8 +143,12 @@ def _attribute_question(scene, rng, focus, attribute) -> Question | None:
     candidates = [(i, d) for i in focus if (d := describe(scene, i, exclude=attribute)) is not None]
     if not candidates:
         return None
+    # the answer first, uniformly over those possible: crowded scenes hold more small
+    # objects than big ones, and the question should not inherit that skew
+    answers = sorted({getattr(scene.objects[i], attribute) for i, _ in candidates})
+    answer = answers[rng.integers(len(answers))]
+    candidates = [(i, d) for i, d in candidates if getattr(scene.objects[i], attribute) == answer]
     index, phrase = candidates[rng.integers(len(candidates))]
-    answer = getattr(scene.objects[index], attribute)
     referents: dict[str, set[int]] = {}
     _refer(referents, [*phrase, answer], {index})
     return Question(f"What {attribute} is the {' '.join(phrase)}?", answer, attribute, _freeze(referents))

@@ -11,6 +11,7 @@ Multi-process: ``accelerate launch -m lavender train CONFIG.yaml`` (or torchrun)
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,6 @@ def run(args: argparse.Namespace) -> int:
 
         train(config)
     except ConfigError as error:
-        print(f"lavender train: {error}")
+        print(f"lavender train: {error}", file=sys.stderr)
         return 2
     return 0

@@ -39,9 +39,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
     # non-reentrant checkpointing keeps the captured maps attached to the graph
     "activation_checkpointing_kwargs": {"use_reentrant": False},
-    # the alignment head runs after the model's forward: DDP must not look for unused parameters
-    # from the forward's outputs (it would mark the head unused, then see its gradients arrive)
-    "ddp_find_unused_parameters": False,
 }
 
 
@@ -63,7 +60,7 @@ class LavenderArguments:
     lora_dropout: float = 0.05
     # names ("q_proj,v_proj" or a list) are scoped to the language model; any other string is a regex
     lora_target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    save_merged: bool = False  # LoRA: also write merged weights loadable without peft
+    save_merged: bool = False  # LoRA: merged weights in output_dir (plain transformers), the adapter in adapter/
 
     # data
     train_file: str | None = None
@@ -82,7 +79,7 @@ class LavenderArguments:
     aggregation: str = "mean"
     aligner: str = "sim"
     aligner_hidden: int = 32
-    att_normalization: str = "minmax"
+    att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
     aligner_warmup_steps: int = 0  # the first steps train the aligner alone on L_att
     att_every_n_steps: int = 100  # figures of teacher vs VLM maps; 0 = never
 
@@ -105,7 +102,7 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name) for f in dataclasses.fields(cls) if f.init}
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
+def _coerce(value: Any, annotation: Any) -> Any:
     """Strings from the command line (and YAML's ``1e-4``, which YAML reads as a string) to the field's type."""
     if not isinstance(value, str):
         if isinstance(value, int) and not isinstance(value, bool) and _accepts(annotation, float) and not _accepts(annotation, int):
@@ -188,9 +185,9 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
             lines.append(f"  {key}{hint}")
         raise ConfigError("unknown config key(s):\n" + "\n".join(lines))
 
-    lavender_keys = {k: _coerce(k, v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
+    lavender_keys = {k: _coerce(v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
     training_keys = {**TRAINING_DEFAULTS}
-    training_keys.update({k: _coerce(k, v, training_types.get(k)) for k, v in keys.items() if k in training_names})
+    training_keys.update({k: _coerce(v, training_types.get(k)) for k, v in keys.items() if k in training_names})
 
     lavender = LavenderArguments(**lavender_keys)
     if isinstance(lavender.lora_target_modules, str) and _NAME_LIST.fullmatch(lavender.lora_target_modules):
@@ -227,6 +224,8 @@ def _check_lavender(args: LavenderArguments) -> None:
         "att_normalization": sorted(NORMALIZATIONS),
     }
     for name, allowed in choices.items():
+        if name == "att_normalization" and args.att_normalization is None:
+            continue
         if getattr(args, name) not in allowed:
             raise ConfigError(f"{name}: {getattr(args, name)!r} is not one of {', '.join(allowed)}")
     for name in ("lora_r", "lora_alpha", "aligner_hidden"):

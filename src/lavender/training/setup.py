@@ -99,11 +99,13 @@ def build_trainer(config: TrainConfig):
                 f"{model.config.model_type} attends to the image through {capture.adapter.attention_kind}s"
             )
         parallel_layers = capture.layers
+    # the VLM's maps are normalised as the teacher's were, unless the config says otherwise
+    normalization = args.att_normalization or store.metadata.get("settings", {}).get("normalize", "minmax")
     head = AlignmentHead(
         text_config.num_attention_heads,
         args.aggregation,
         args.aligner,
-        args.att_normalization,
+        normalization,
         args.aligner_hidden,
         parallel_layers=parallel_layers,
         hidden_size=text_config.hidden_size,

@@ -5,8 +5,10 @@
 Being a ``Trainer`` brings ``accelerate`` (DDP, FSDP, DeepSpeed), gradient accumulation,
 checkpoints and resume, and the ``report_to`` loggers. What this class adds:
 
-* ``compute_loss`` pops the collator's ``lavender_*`` keys, runs the model inside
-  ``capture.record`` and computes L_att from the captured maps through the alignment head;
+* ``compute_loss`` pops the collator's ``lavender_*`` keys and runs the model inside
+  ``capture.record``; a forward hook on the transformers model turns the captured maps into
+  L_att through the alignment head while the forward is still running (where DDP, FSDP and
+  ZeRO-3 expect parameters to be used);
 * L_att is normalised like the LM loss: the LM loss is a sum over tokens divided by the number of
   supervised tokens of the whole accumulated (and, by default, distributed) batch, so L_att is a
   sum over matched words divided by the number of matched words of that same batch (counted in
@@ -20,21 +22,43 @@ checkpoints and resume, and the ``report_to`` loggers. What this class adds:
 
 from __future__ import annotations
 
-import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from lavender.alignment import AlignmentHead, AttentionWeight, attention_loss
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
 
-logger = logging.getLogger(__name__)
-
 HEAD_NAME = "lavender_head"
 HEAD_FILE = "lavender_head.safetensors"
+
+
+@dataclass
+class _AlignmentRequest:
+    """What the forward hook needs from the batch to compute L_att."""
+
+    query_positions: torch.Tensor
+    word_rows: torch.Tensor
+    targets: torch.Tensor
+    word_mask: torch.Tensor
+    image_sizes: list[tuple[int, int]]
+    detach_maps: bool
+
+
+@dataclass
+class _Aligned:
+    att_sum: torch.Tensor  # Σ over matched words of the per-word MSE, with grad
+    predicted: torch.Tensor  # (N, R, R), detached: for figures
+    word_mask: torch.Tensor  # (B, W): the words that got a map
+
+
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside ``model`` (itself, or under PEFT)."""
+    return next(module for module in model.modules() if isinstance(module, PreTrainedModel))
 
 
 def save_head(head: AlignmentHead, directory: str | os.PathLike) -> Path:
@@ -83,8 +107,12 @@ class LavenderTrainer(Trainer):
         self.aligner_warmup_steps = aligner_warmup_steps
         self.att_every_n_steps = att_every_n_steps
         self._words_in_batch: torch.Tensor | None = None
+        self._request: _AlignmentRequest | None = None
+        self._aligned: _Aligned | None = None
+        transformers_model(self.model).register_forward_hook(self._align_in_forward, with_kwargs=True)
         self._running = self._zero_running()
         self._steps_running: set[int] = set()  # optimizer steps summed in ``_running``
+        self._att_weight_now = att_weight(0)
         self._last_figure_step = -1
 
     # ---- loss ---------------------------------------------------------------------------------
@@ -107,43 +135,78 @@ class LavenderTrainer(Trainer):
         query_positions, word_rows, targets, word_mask = (inputs.pop(key) for key in BATCH_KEYS)
         counts = inputs.pop(COUNTS_KEY)
         examples = inputs.pop(EXAMPLES_KEY)
-
-        image_sizes = [(example.image.height, example.image.width) for example in examples]
-        if self.head.parallel is None:
-            with self.capture.record(query_positions):
+        step = self.state.global_step
+        self._aligned = None
+        self._request = _AlignmentRequest(
+            query_positions=query_positions,
+            word_rows=word_rows,
+            targets=targets,
+            word_mask=word_mask,
+            image_sizes=[(example.image.height, example.image.width) for example in examples],
+            detach_maps=step < self.aligner_warmup_steps,
+        )
+        try:
+            if self.head.parallel is None:
+                with self.capture.record(query_positions):
+                    lm_loss, outputs = super().compute_loss(
+                        model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                    )
+            else:
+                inputs = {**inputs, "output_hidden_states": True}
                 lm_loss, outputs = super().compute_loss(
                     model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
                 )
-            maps = self.capture.maps(inputs, size=self.resolution, image_sizes=image_sizes)  # (B, L, H, Q, R, R)
-            query_mask = self.capture.query_mask
-        else:
-            lm_loss, outputs = super().compute_loss(
-                model, {**inputs, "output_hidden_states": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            image_mask = inputs["input_ids"] == self.image_token_id
-            probs = self.head.parallel_probs(outputs.hidden_states, query_positions, image_mask)
-            maps = self.capture.adapter.place(probs, inputs, self.resolution, image_sizes)
-            query_mask = self.capture.adapter.query_mask(inputs, query_positions)
-
-        # rows that cannot see the image (padding; Mllama text before <|image|>) give no map
-        visible = torch.gather(query_mask & (query_positions >= 0), 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
-        word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
-        word_mask = word_mask & (word_rows >= 0).any(dim=-1)
-
-        step = self.state.global_step
-        predicted = self.head(maps, word_rows, word_mask, detach_maps=step < self.aligner_warmup_steps)
-        per_word = attention_loss(predicted, targets[word_mask].to(predicted.dtype))
-        # the zero term keeps the head in the graph when no word matched, so DDP's reduction of its
-        # gradients never waits on a process that had nothing to align
-        att_sum = per_word.sum() + sum(p.sum() for p in self.head.parameters()) * 0.0
-        att_loss = att_sum / self._att_denominator(word_mask) * self._att_scale(num_items_in_batch)
+        finally:
+            self._request = None
+        aligned = self._aligned
+        if aligned is None:
+            raise RuntimeError("the alignment hook did not run: was the model called through another module?")
+        att_loss = aligned.att_sum / self._att_denominator(aligned.word_mask) * self._att_scale(num_items_in_batch)
         weight = self.att_weight(step)
         loss = lm_loss + weight * att_loss
 
         self._accumulate(lm_loss, att_loss, weight, counts, num_items_in_batch)
         if self._figure_due(step):
-            self._save_figure(step, examples[0], predicted.detach(), targets[word_mask], word_mask)
+            self._save_figure(step, examples[0], aligned.predicted, targets[aligned.word_mask], aligned.word_mask)
         return (loss, outputs) if return_outputs else loss
+
+    def _align_in_forward(self, module, args, kwargs, outputs):
+        """Forward hook of the transformers model: L_att's sum, computed inside the model's forward.
+
+        Inside, so that DDP finds the aligner's parameters from the forward's outputs, FSDP has the
+        root's parameters gathered, and ZeRO-3 gathers the head's as it is called.
+        """
+        request = self._request
+        if request is None:
+            return None
+        self._request = None  # one alignment per forward; plain forwards (generation, eval) pass through
+        model_inputs = kwargs  # the Trainer (and PEFT after it) call the model with keywords only
+        if self.head.parallel is None:
+            maps = self.capture.maps(model_inputs, size=self.resolution, image_sizes=request.image_sizes)
+            query_mask = self.capture.query_mask
+        else:
+            image_mask = model_inputs["input_ids"] == self.image_token_id
+            probs = self.head.parallel_probs(outputs.hidden_states, request.query_positions, image_mask)
+            maps = self.capture.adapter.place(probs, model_inputs, self.resolution, request.image_sizes)
+            query_mask = self.capture.adapter.query_mask(model_inputs, request.query_positions)
+
+        # rows that cannot see the image (padding; Mllama text before <|image|>) give no map
+        rows = request.word_rows
+        visible = torch.gather(query_mask & (request.query_positions >= 0), 1, rows.clamp_min(0).flatten(1))
+        rows = torch.where(visible.view_as(rows) & (rows >= 0), rows, -1)
+        word_mask = request.word_mask & (rows >= 0).any(dim=-1)
+
+        predicted = self.head(maps, rows, word_mask, detach_maps=request.detach_maps)
+        per_word = attention_loss(predicted, request.targets[word_mask].to(predicted.dtype))
+        # the zero term keeps the head in the graph when no word matched, so every process
+        # reduces the head's gradients on every step
+        att_sum = per_word.sum() + sum(p.sum() for p in self.head.parameters()) * 0.0
+        self._aligned = _Aligned(att_sum=att_sum, predicted=predicted.detach(), word_mask=word_mask)
+        if outputs.loss is not None:
+            # DDP (find_unused_parameters) finds a step's parameters by walking back from the
+            # forward's outputs: tie the head to them, with weight 0
+            outputs.loss = outputs.loss + 0.0 * att_sum
+        return outputs
 
     def _att_denominator(self, word_mask: torch.Tensor) -> torch.Tensor:
         if self._words_in_batch is None or not self.model.training:
@@ -202,7 +265,7 @@ class LavenderTrainer(Trainer):
             means, sums = gathered.mean(dim=0) / steps, gathered.sum(dim=0)
             logs["lm_loss"] = round(means[0].item(), 6)
             logs["att_loss"] = round(means[1].item(), 6)
-            logs["att_weight"] = getattr(self, "_att_weight_now", self.att_weight(self.state.global_step))
+            logs["att_weight"] = self._att_weight_now
             for index, name in enumerate(COUNT_NAMES, start=2):
                 logs[name] = int(sums[index].item())
             self._running = self._zero_running()
@@ -238,13 +301,12 @@ class LavenderTrainer(Trainer):
 
     def _report_figure(self, path: Path, step: int) -> None:
         """Hand the figure to the loggers that take images (TensorBoard, Weights & Biases)."""
+        import numpy as np
+        from PIL import Image
         from transformers.integrations import TensorBoardCallback, WandbCallback
 
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
-                import numpy as np
-                from PIL import Image
-
                 pixels = np.asarray(Image.open(path).convert("RGB"))
                 callback.tb_writer.add_image("lavender/maps", pixels, step, dataformats="HWC")
             elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:

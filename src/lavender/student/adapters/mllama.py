@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lavender.student.adapters.base import Adapter, register_adapter
 
 
