@@ -10,8 +10,8 @@ Three ways to run one training step (forward, loss, backward) on the same model 
 
 Each mode runs in its own subprocess, so the peak memory of one does not hide another's
 (CPU: peak resident set size from ``resource``; CUDA: ``torch.cuda.max_memory_allocated``).
-Step time is the fastest of ``--steps`` steps after a warm-up: wall time on CUDA, process CPU
-time (all threads) on CPU, where a shared machine makes wall time meaningless.
+Step time is the fastest of ``--steps`` steps after a warm-up: wall time on CUDA; on CPU the
+process time of a single thread, since a shared machine makes wall time meaningless.
 
     python benchmarks/bench_capture.py                       # CPU: small LLaVA- and Mllama-shaped models
     python benchmarks/bench_capture.py --mllama-11b          # GPU: Llama-3.2-11B-Vision shapes, bf16, LoRA
@@ -147,9 +147,11 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
         if device == "cuda":
             torch.cuda.synchronize()
 
-    # CUDA: wall time. CPU: process time (all threads), which other jobs on a shared machine
-    # barely disturb, unlike wall time.
+    # CUDA: wall time. CPU: process time of one thread, which other jobs on a shared machine
+    # barely disturb (wall time they do; and idle threads spinning under contention count as work).
     clock = time.perf_counter if device == "cuda" else time.process_time
+    if device == "cpu":
+        torch.set_num_threads(1)
     step()  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

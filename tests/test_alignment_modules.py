@@ -88,6 +88,9 @@ def _maps():
         # over layers first, then the aligner (head 1)
         ("mean_before", _Pick(1), [[3.0, 3.0], [1.0, 0.5]]),
         ("max_before", _Pick(1), [[5.0, 6.0], [2.0, 1.0]]),
+        # heads first, aligner per layer, then over layers
+        ("heads_mean", _Pick(0), [[2.5, 2.0], [1.5, 1.75]]),
+        ("heads_max", _Pick(0), [[5.0, 6.0], [3.0, 4.0]]),
         # heads and layers first: one channel left
         ("meanmean", _Pick(0), [[2.5, 2.0], [1.5, 1.75]]),
         ("maxmax", _Pick(0), [[5.0, 6.0], [3.0, 4.0]]),
@@ -143,6 +146,10 @@ def test_attention_weight_constant_and_decay():
     assert decayed(0) == 10.0
     assert math.isclose(decayed(100), 10.0 / math.e)
     assert math.isclose(decayed(50), 10.0 * math.exp(-0.5))
+    over_the_run = AttentionWeight(10.0, decay=5.0)  # T = the run's steps, given by the trainer
+    assert math.isclose(over_the_run(20, total_steps=40), 10.0 * math.exp(-2.5))
+    with pytest.raises(ValueError, match="decay_steps"):
+        over_the_run(3)
 
 
 def test_word_maps_average_each_words_rows_in_float64():
@@ -211,3 +218,16 @@ def test_head_parallel_probs_cover_image_tokens_only():
     torch.testing.assert_close(probs[0, 0, :, 0], expected[0, :, 0])
     again = AlignmentHead.from_description(head.describe())
     assert again.parallel_layers == [1] and again.hidden_size == 8
+
+
+class _Square(nn.Module):
+    def forward(self, maps):
+        return maps.pow(2)
+
+
+def test_heads_first_differs_from_heads_and_layers_first_with_a_nonlinear_aligner():
+    # heads mean per layer: layer0 [[3,1],[1.5,2.5]], layer1 [[2,3],[1.5,1]]; squared, then mean over layers
+    expected_heads_mean = [[(9 + 4) / 2, (1 + 9) / 2], [(2.25 + 2.25) / 2, (6.25 + 1) / 2]]
+    torch.testing.assert_close(AGGREGATIONS["heads_mean"](_maps(), _Square()), torch.tensor([expected_heads_mean]))
+    # meanmean squares the mean over everything
+    torch.testing.assert_close(AGGREGATIONS["meanmean"](_maps(), _Square()), torch.tensor([[[6.25, 4.0], [2.25, 3.0625]]]))

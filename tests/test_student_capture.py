@@ -6,8 +6,11 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lavender.student import AttentionCapture, get_adapter
+from lavender.student.capture import query_probabilities
 from student_helpers import KINDS, tiny_batch
 
 
@@ -93,3 +96,46 @@ def test_close_restores_sdpa_and_stops_capturing():
         model(**inputs)
     with pytest.raises(RuntimeError, match="did not run"):
         capture.maps(inputs, size=4)
+
+
+def test_positions_outside_the_sequence_are_refused():
+    model, inputs, positions = tiny_batch("llava")
+    capture = AttentionCapture(model)
+    with pytest.raises(ValueError, match="outside the sequence"):
+        with capture.record(positions + 1000):
+            model(**inputs)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = True
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 2), kv_heads=st.integers(1, 2), groups=st.integers(1, 3), length=st.integers(2, 9),
+    mask_kind=st.sampled_from(["none", "bool", "float"]), seed=st.integers(0, 2**16),
+)
+def test_query_probabilities_equal_a_float64_softmax_of_the_full_matrix(
+    batch, kv_heads, groups, length, mask_kind, seed
+):
+    generator = torch.Generator().manual_seed(seed)
+    heads, dim = kv_heads * groups, 4
+    query = torch.randn(batch, heads, length, dim, generator=generator)
+    key = torch.randn(batch, kv_heads, length, dim, generator=generator)
+    positions = torch.randint(-1, length, (batch, 3), generator=generator)
+    logits = query.double() @ key.double().repeat_interleave(groups, dim=1).transpose(-1, -2) * 0.5
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    if mask_kind == "none":
+        mask, allowed = None, causal
+    else:
+        allowed = causal & (torch.rand(batch, 1, length, length, generator=generator) > 0.3)
+        allowed[..., 0] = True  # every row keeps a key, as padding masks do
+        mask = allowed if mask_kind == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, -1e9)
+    reference = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+    got = query_probabilities(_Attention(), query, key, mask, 0.5, None, positions)
+
+    for b in range(batch):
+        for i, row in enumerate(positions[b].tolist()):
+            if row >= 0:
+                torch.testing.assert_close(got[b, :, i].double(), reference[b, :, row], rtol=0, atol=1e-6)

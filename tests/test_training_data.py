@@ -149,3 +149,16 @@ def test_batch_keys_and_shapes(vlm, data):
     assert batch["lavender_word_rows"].shape[:2] == (3, w)
     assert batch["lavender_query_positions"].dtype == torch.long
     assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_targets_at_another_resolution_than_the_store_says_stop_everything(tmp_path, vlm):
+    import json
+
+    manifest = write_records(tmp_path / "records")
+    folder = write_targets(tmp_path / "targets", manifest, resolution=4)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["settings"]["resolution"] = 8
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    dataset = LavenderDataset(read_records(manifest), open_store(folder), vlm[1])
+    with pytest.raises(ValueError, match="different resolutions"):
+        dataset[0]

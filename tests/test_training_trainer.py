@@ -86,9 +86,11 @@ def test_merged_lora_loads_with_plain_transformers_and_matches_the_adapter(world
 def test_full_finetuning_saves_a_plain_model_without_the_head(world, mllama):
     from transformers import AutoModelForImageTextToText
 
-    output = train(build_config(_keys(world, mllama, "full", use_peft=False, max_steps=2)))
+    output = train(build_config(_keys(world, mllama, "full", use_peft=False, max_steps=2, att_weight_decay=1.0)))
     logs = train_logs(output)
     assert all(entry["att_loss"] > 0 for entry in logs)
+    # λ(t) = 10·exp(−t/T) over the run's T = 2 steps, t = the step being computed (0, then 1)
+    assert [entry["att_weight"] for entry in logs] == pytest.approx([10.0, 10.0 * math.exp(-0.5)])
     with safe_open(str(output / "model.safetensors"), "pt") as handle:
         assert not [name for name in handle.keys() if "lavender_head" in name]
     model = AutoModelForImageTextToText.from_pretrained(output)

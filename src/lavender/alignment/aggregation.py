@@ -7,6 +7,8 @@ before and after it:
 * ``mean`` / ``max`` (``mean`` is the default and the authors'): the aligner runs on each layer's
   heads separately, then the layer outputs are averaged (max-ed);
 * ``mean_before`` / ``max_before``: layers are averaged (max-ed) first, the aligner sees the heads;
+* ``heads_mean`` / ``heads_max``: heads are reduced first, the aligner runs on each layer's one
+  channel, then the layers are averaged (max-ed);
 * ``meanmean`` / ``maxmax``: heads and layers are both reduced first, the aligner sees one channel;
 * ``flow`` / ``flow_sum``: attention flow, the element-wise product (sum) over layers per head, then
   the aligner. A product of probabilities is small; the aligner's instance norm and the per-word
@@ -66,6 +68,8 @@ AGGREGATIONS: dict[str, Aggregation] = {
     "max": Aggregation(_keep, lambda maps: maps.amax(dim=1), _heads),
     "mean_before": Aggregation(lambda maps: maps.mean(dim=1, keepdim=True), _only_layer, _heads),
     "max_before": Aggregation(lambda maps: maps.amax(dim=1, keepdim=True), _only_layer, _heads),
+    "heads_mean": Aggregation(lambda maps: maps.mean(dim=2, keepdim=True), lambda maps: maps.mean(dim=1), _one),
+    "heads_max": Aggregation(lambda maps: maps.amax(dim=2, keepdim=True), lambda maps: maps.amax(dim=1), _one),
     "meanmean": Aggregation(lambda maps: maps.mean(dim=(1, 2), keepdim=True), _only_layer, _one),
     "maxmax": Aggregation(lambda maps: maps.amax(dim=2, keepdim=True).amax(dim=1, keepdim=True), _only_layer, _one),
     "flow": Aggregation(lambda maps: maps.prod(dim=1, keepdim=True), _only_layer, _heads),

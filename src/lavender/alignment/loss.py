@@ -60,16 +60,20 @@ def attention_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 @dataclass(frozen=True)
 class AttentionWeight:
-    """λ(t): constant (``decay = 0``) or ``λ0 · exp(−decay · t / decay_steps)``.
+    """λ(t): constant (``decay = 0``) or ``λ0 · exp(−decay · t / T)``.
 
-    The authors' decay factors: slow 1/25 or 1/5, medium 1, fast 5 or 25, over ``decay_steps``.
+    ``T`` is ``decay_steps``, or the run's total steps given at call time. The authors' decay
+    factors: slow 1/25 or 1/5, medium 1, fast 5 or 25.
     """
 
     initial: float = 10.0
     decay: float = 0.0
-    decay_steps: int = 1
+    decay_steps: int | None = None
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int, total_steps: int | None = None) -> float:
         if self.decay == 0:
             return self.initial
-        return self.initial * math.exp(-self.decay * step / max(self.decay_steps, 1))
+        horizon = self.decay_steps or total_steps
+        if not horizon or horizon < 1:
+            raise ValueError("a decaying λ needs decay_steps or the run's total steps")
+        return self.initial * math.exp(-self.decay * step / horizon)

@@ -180,6 +180,11 @@ class AttentionCapture:
         recording = self._recording_for_this_call()
         if recording is None:
             return
+        if not recording.probs and int(recording.query_positions.max()) >= query.shape[2]:
+            raise ValueError(
+                f"query position {int(recording.query_positions.max())} is outside the sequence "
+                f"of {query.shape[2]} tokens"
+            )
         probs = query_probabilities(module, query, key, attention_mask, scaling, is_causal, recording.query_positions)
         layer = module.layer_idx
         if layer not in recording.probs:

@@ -198,8 +198,6 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)
     alphas = scheduler.alphas_cumprod.to(torch_device)
 
-    pixels, captions, scenes = load_training_set(data, config.image_size)
-    pixels = pixels.to(torch_device)
     start, elapsed, losses = 0, 0.0, []
     checkpoint_path = output / "checkpoint.pt"
     if checkpoint_path.exists():
@@ -210,6 +208,8 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
         start, elapsed, losses = state["step"], state["elapsed"], [tuple(x) for x in state["losses"]]
+    pixels, captions, scenes = load_training_set(data, config.image_size)
+    pixels = pixels.to(torch_device)
 
     began = time.perf_counter() - elapsed
 

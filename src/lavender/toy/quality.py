@@ -6,7 +6,10 @@ ground-truth masks:
 
 * pointing accuracy: the map's peak cell lies on the word's object(s);
 * AUROC: how well the map's values separate the object's cells from the rest;
-* chance: the pointing accuracy of a uniformly random peak (the masks' mean area fraction).
+* chance: the pointing accuracy of a uniformly random peak (the masks' mean area fraction);
+* word-blind: the pointing accuracy of the record's mean map over all its words. Objects are
+  salient, so even a model that ignores the text points at *some* object; a map is word-specific
+  only where its pointing beats this.
 
 Scored per word category (colour, shape, size, other), on three texts: the question, the
 answer, and the scene's full caption (the text the model was trained on).
@@ -110,9 +113,14 @@ def measure(model: str | Path, world: str | Path, split: str = "val", limit: int
             seeds = [record_seed(teacher.settings.seed, r.id) for r in batch]
             outputs = teacher.word_maps([load_image(r.image) for r in batch], prompts, seeds)
             for record, output in zip(batch, outputs):
+                if not output.maps:
+                    continue
+                blind = np.mean(list(output.maps.values()), axis=0)
                 for word, mask in _masks(record, text, resolution, world).items():
                     if word in output.maps and mask.any():
-                        scores[word_category(word)].append(score_map(output.maps[word], mask))
+                        score = score_map(output.maps[word], mask)
+                        score["blind_hit"] = score_map(blind, mask)["hit"]
+                        scores[word_category(word)].append(score)
         scores["all"] = [s for category in list(scores) for s in scores[category]]
         results[text] = {category: _summarise(values) for category, values in sorted(scores.items())}
     return {"split": split, "records": len(records), "settings": teacher.settings.to_dict(), "layers": teacher.layers,
@@ -129,14 +137,16 @@ def _summarise(values: list[dict]) -> dict:
         "pointing": round(float(np.mean([v["hit"] for v in values])), 4) if values else None,
         "auroc": round(float(np.mean(aurocs)), 4) if aurocs else None,
         "chance": round(float(np.mean([v["chance"] for v in values])), 4) if values else None,
+        "word_blind": round(float(np.mean([v["blind_hit"] for v in values])), 4) if values else None,
         "words": len(values),
     }
 
 
 def format_table(result: dict) -> str:
     """A markdown table: one row per text and category."""
-    lines = ["| text | words | pointing | AUROC | chance |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| text | words | pointing | AUROC | word-blind | chance |", "| --- | --- | --- | --- | --- | --- |"]
     for text, categories in result["scores"].items():
         for category, s in categories.items():
-            lines.append(f"| {text} | {category} ({s['words']}) | {s['pointing']} | {s['auroc']} | {s['chance']} |")
+            lines.append(f"| {text} | {category} ({s['words']}) | {s['pointing']} | {s['auroc']} | "
+                         f"{s['word_blind']} | {s['chance']} |")
     return "\n".join(lines)

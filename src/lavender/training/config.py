@@ -71,7 +71,7 @@ class LavenderArguments:
     # alignment
     att_weight: float = 10.0
     att_weight_decay: float = 0.0  # λ0·exp(−decay·t/T); 0 = constant
-    att_weight_decay_steps: int | None = None  # T; None = max_steps
+    att_weight_decay_steps: int | None = None  # T; None = the run's total optimizer steps
     att_layers: list[int] | None = None  # None = the architecture's default layers
     att_resolution: int | None = None  # None = the targets' resolution; set it to insist on one
     att_text: Literal["answer", "question", "both"] = "answer"

@@ -169,12 +169,16 @@ class LavenderDataset(torch.utils.data.Dataset):
                     else:
                         missing += 1
         keys = list(occurrences)
-        resolution = getattr(self.store, "resolution", None) or 1
-        maps = (
-            np.stack([np.asarray(targets[key], dtype=np.float32) for key in keys])
-            if keys
-            else np.zeros((0, resolution, resolution), dtype=np.float32)
-        )
+        resolution = self.store.resolution
+        maps = np.zeros((len(keys), resolution, resolution), dtype=np.float32)
+        for index, key in enumerate(keys):
+            if targets[key].shape != (resolution, resolution):
+                # not a bad record but a bad store: stop, whatever `strict` says
+                raise ValueError(
+                    f"record {record.id!r}: the map of {key!r} is {targets[key].shape}, the store says "
+                    f"{resolution}×{resolution}; the targets folder mixes runs made at different resolutions"
+                )
+            maps[index] = targets[key]
         return Sample(
             record_id=record.id,
             prompt=prompt,

@@ -73,10 +73,10 @@ def load_model(config: TrainConfig):
 
 def build_trainer(config: TrainConfig):
     """Everything ``lavender train`` needs, checked; raises :class:`ConfigError` on a bad setup."""
-    from lavender.alignment import AlignmentHead, AttentionWeight
-    from lavender.records import RecordError, read_records
     from transformers import set_seed
 
+    from lavender.alignment import AlignmentHead, AttentionWeight
+    from lavender.records import RecordError, read_records
     from lavender.student import AttentionCapture
     from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
     from lavender.training.trainer import HEAD_NAME, LavenderTrainer
@@ -134,7 +134,6 @@ def build_trainer(config: TrainConfig):
     collator = LavenderCollator(processor, image_token)
     collator([dataset[0]])  # one real batch: template, tokenizer and targets agree
 
-    decay_steps = args.att_weight_decay_steps or max(training.max_steps, 1)
     return LavenderTrainer(
         model=model,
         args=training,
@@ -145,7 +144,7 @@ def build_trainer(config: TrainConfig):
         head=head,
         resolution=store.resolution,
         image_token_id=image_token,
-        att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, decay_steps),
+        att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, args.att_weight_decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,
         att_every_n_steps=args.att_every_n_steps,
     )

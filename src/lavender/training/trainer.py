@@ -112,7 +112,7 @@ class LavenderTrainer(Trainer):
         transformers_model(self.model).register_forward_hook(self._align_in_forward, with_kwargs=True)
         self._running = self._zero_running()
         self._steps_running: set[int] = set()  # optimizer steps summed in ``_running``
-        self._att_weight_now = att_weight(0)
+        self._att_weight_now = att_weight.initial
         self._last_figure_step = -1
 
     # ---- loss ---------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class LavenderTrainer(Trainer):
         if aligned is None:
             raise RuntimeError("the alignment hook did not run: was the model called through another module?")
         att_loss = aligned.att_sum / self._att_denominator(aligned.word_mask) * self._att_scale(num_items_in_batch)
-        weight = self.att_weight(step)
+        weight = self.att_weight(step, self.state.max_steps)
         loss = lm_loss + weight * att_loss
 
         self._accumulate(lm_loss, att_loss, weight, counts, num_items_in_batch)
