@@ -58,7 +58,7 @@ def build(model_name: str, device: str):
     elif model_name.startswith("mllama"):
         if model_name == "mllama-11b":  # Llama-3.2-11B-Vision
             vision = MllamaVisionConfig(image_size=560)
-            text = MllamaTextConfig(vocab_size=128264)
+            text = MllamaTextConfig()
             dtype, text_tokens = torch.bfloat16, 512
         else:  # real tile geometry (560 px, 1601 keys per tile, 4 tiles) on a narrow model
             vision = MllamaVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -66,9 +66,10 @@ def build(model_name: str, device: str):
                                         intermediate_layers_indices=[0], vision_output_dim=128)
             text = MllamaTextConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
                                     num_attention_heads=8, num_key_value_heads=2, cross_attention_layers=[3, 7],
-                                    pad_token_id=0)
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
             dtype = torch.float32
-        config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=text.vocab_size - 8)
+        # <|image|> is the first of the 8 embeddings past the vocabulary, as in the real checkpoint
+        config = MllamaConfig(vision_config=vision, text_config=text, image_token_index=text.vocab_size)
     else:
         raise ValueError(f"unknown model {model_name!r}")
 
@@ -100,7 +101,7 @@ def build(model_name: str, device: str):
             "cross_attention_mask": cross,
         }
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-    inputs["labels"] = inputs["input_ids"]
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == config.image_token_index, -100)
     length = inputs["input_ids"].shape[1]
     positions = torch.arange(length - queries, length, device=device)[None]
     return model, inputs, positions

@@ -78,6 +78,19 @@ def test_unsupported_architecture_names_the_supported_ones():
         get_adapter(model)
 
 
+def test_each_record_starts_clean():
+    model, inputs, positions = tiny_batch("qwen2_vl")
+    capture = AttentionCapture(model)
+    with capture.record(positions):
+        model(**inputs)
+    first = capture.maps(inputs, size=4)
+    with capture.record(positions[:, :2]):
+        model(**inputs)
+    second = capture.maps(inputs, size=4)
+    assert second.shape[3] == 2 and capture.query_mask.shape == (2, 2)
+    torch.testing.assert_close(second, first[:, :, :, :2])
+
+
 def test_two_forwards_in_one_record_are_refused():
     model, inputs, positions = tiny_batch("llava")
     capture = AttentionCapture(model)

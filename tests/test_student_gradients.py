@@ -28,8 +28,8 @@ def step(model, inputs, positions, weights, record=True):
     with capture.record(positions):
         outputs = model(**inputs, labels=inputs["input_ids"])
     maps = capture.maps(inputs, size=6)
-    loss = outputs.loss + (maps * weights).sum() * capture.query_mask[:, None, None, :, None, None]
-    loss.sum().backward()
+    visible = capture.query_mask[:, None, None, :, None, None]
+    (outputs.loss + (maps * weights * visible).sum()).backward()
     return capture
 
 
