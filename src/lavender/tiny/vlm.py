@@ -5,7 +5,8 @@ Each builder returns ``(model, processor)``: a real ``LlavaForConditionalGenerat
 kilobytes big, with a real image processor, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
-``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint.
+``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (Qwen2-VL's
+processor needs torchvision in transformers; see ``Qwen2VLImageTextProcessor``).
 
 The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
@@ -14,11 +15,14 @@ non-square Qwen2-VL grids.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 KINDS = ("llava", "mllama", "qwen2_vl")
 
@@ -76,7 +80,7 @@ def _tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, **extra)
     )
 
 
-def build_tiny_llava(seed: int = 0):
+def build_tiny_llava(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """LLaVA-1.5 layout: CLIP ViT (84 px, patch 14 → 6×6 patches, CLS dropped) + Llama."""
     from transformers import (
         CLIPImageProcessorPil,
@@ -115,7 +119,7 @@ def build_tiny_llava(seed: int = 0):
     return _seeded(seed, LlavaForConditionalGeneration, config), processor
 
 
-def build_tiny_mllama(seed: int = 0):
+def build_tiny_mllama(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """Llama-3.2-Vision layout: 56 px tiles (4×4 patches + CLS, padded to 24), up to 4 tiles,
     4 text layers of which 1 and 3 are cross-attention layers."""
     from transformers import (
@@ -157,7 +161,7 @@ def build_tiny_mllama(seed: int = 0):
     return model, processor
 
 
-def build_tiny_qwen2_vl(seed: int = 0):
+def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """Qwen2-VL layout: patch 14, 2×2 merge (one token per 28×28 px), M-RoPE."""
     from transformers import (
         Qwen2VLConfig,
@@ -227,15 +231,16 @@ class Qwen2VLImageTextProcessor:
                 (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
             )
             # Expand each placeholder to its image's token count, in reading order.
-            texts = [
-                re.sub(re.escape(self.image_token), lambda _: "\0" * next(tokens_per_image), t) for t in texts
-            ]
-            texts = [t.replace("\0", self.image_token) for t in texts]
+            texts = [self._expand(text, tokens_per_image) for text in texts]
         encoded = dict(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
         image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         # M-RoPE needs to know which tokens are image tokens (1) and which are text (0).
         encoded["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).long()
         return BatchFeature({**encoded, **image_inputs}, tensor_type=return_tensors)
+
+    def _expand(self, text: str, tokens_per_image) -> str:
+        first, *rest = text.split(self.image_token)
+        return first + "".join(self.image_token * next(tokens_per_image) + part for part in rest)
 
     def save_pretrained(self, path):
         self.image_processor.save_pretrained(path)
@@ -249,7 +254,7 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
-def build_tiny_vlm(kind: str, seed: int = 0):
+def build_tiny_vlm(kind: str, seed: int = 0) -> tuple[PreTrainedModel, object]:
     """``(model, processor)`` for ``kind`` in ``KINDS``, in memory, fp32, eval mode."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown tiny VLM kind {kind!r}; choose one of {', '.join(KINDS)}")

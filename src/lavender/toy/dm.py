@@ -17,8 +17,9 @@ Pixels are scaled to [-1, 1], as SD's VAE expects. torch is imported inside func
 that ``lavender --help`` stays fast.
 
 Training is plain DDPM noise prediction on the ``dm_pretrain`` split with 10 % empty texts.
-Texts mix full captions with partial ones (some objects, some attributes): the partial ones
-tie each word to its own object, which is what per-word attention maps need.
+Texts mix full captions, partial ones (some objects, some attributes: they tie each word to its
+own object, which is what per-word maps need) and questions about the scene (the texts the
+teacher will read).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lavender.toy.texts import caption_variant, vocabulary
+from lavender.toy.texts import caption_variant, make_question, vocabulary
 from lavender.toy.world import Scene
 
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
@@ -47,12 +48,13 @@ class DMConfig:
     text_hidden: int = 64
     text_layers: int = 2
     heads: int = 4
-    steps: int = 1500
-    batch_size: int = 32
+    steps: int = 3000
+    batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 200
     empty_text_rate: float = 0.1
-    full_caption_rate: float = 0.5
+    full_caption_rate: float = 0.4
+    question_rate: float = 0.2  # the rest: partial captions
     seed: int = 0
 
 
@@ -157,6 +159,8 @@ def load_training_set(data: Path, image_size: int):
 
 def _texts(indices: np.ndarray, captions: list[str], scenes: list[Scene], config: DMConfig,
            rng: np.random.Generator) -> list[str]:
+    from lavender.teacher.extract import BOTH_SEPARATOR  # how `--text both` joins question and answer
+
     texts = []
     for index in indices:
         draw = rng.random()
@@ -164,6 +168,12 @@ def _texts(indices: np.ndarray, captions: list[str], scenes: list[Scene], config
             texts.append("")
         elif draw < config.empty_text_rate + config.full_caption_rate:
             texts.append(captions[index])
+        elif draw < config.empty_text_rate + config.full_caption_rate + config.question_rate:
+            # The teacher reads questions and answers, not captions: without these the
+            # question words would keep their random embeddings and, through the causal text
+            # encoder, disturb every word after them.
+            question = make_question(scenes[index], rng)
+            texts.append(question.text + (BOTH_SEPARATOR + question.answer if rng.random() < 0.5 else ""))
         else:
             texts.append(caption_variant(scenes[index], rng))
     return texts

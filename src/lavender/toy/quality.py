@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lavender.records import Record
-from lavender.toy.texts import NUMBERS, caption_referents, plural
+from lavender.toy.texts import caption_referents, plural
 from lavender.toy.world import COLORS, SHAPES, SIZES, Scene, render
 
 CATEGORIES = {

@@ -77,8 +77,9 @@ class Scene:
 
     @classmethod
     def from_dict(cls, data: dict) -> Scene:
-        background = Background(**{**data["background"], "rgb": tuple(data["background"]["rgb"]),
-                                   "rgb2": tuple(data["background"]["rgb2"])})
+        # JSON turns the RGB tuples into lists; equality and hashing need them back as tuples
+        bg = data["background"]
+        background = Background(**{**bg, "rgb": tuple(bg["rgb"]), "rgb2": tuple(bg["rgb2"])})
         objects = tuple(Object(**{**o, "rgb": tuple(o["rgb"])}) for o in data["objects"])
         return cls(size=data["size"], background=background, objects=objects)
 
