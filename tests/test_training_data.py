@@ -24,7 +24,7 @@ from lavender.training.data import (
 )
 from training_fixtures import write_records, write_targets
 
-KINDS = ["llava", "mllama"]
+KINDS = ["llava", "mllama", "qwen2_vl"]
 
 
 @pytest.fixture(scope="module", params=KINDS)

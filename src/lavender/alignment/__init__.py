@@ -6,7 +6,7 @@
 
 from lavender.alignment.aggregation import AGGREGATIONS, Aggregation, get_aggregation
 from lavender.alignment.aligners import ALIGNERS, ConvAligner, ParallelTextImageAttention, build_aligner
-from lavender.alignment.head import AlignmentHead, word_maps
+from lavender.alignment.head import AlignmentHead, visible_word_rows, word_maps
 from lavender.alignment.loss import NORMALIZATIONS, AttentionWeight, attention_loss, normalize_maps
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "build_aligner",
     "get_aggregation",
     "normalize_maps",
+    "visible_word_rows",
     "word_maps",
 ]

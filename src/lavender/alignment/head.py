@@ -29,6 +29,19 @@ def word_maps(maps: torch.Tensor, word_rows: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bwq,blhqxy->bwlhxy", weights, maps)
 
 
+def visible_word_rows(
+    query_mask: torch.Tensor, word_rows: torch.Tensor, word_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the word rows that cannot see the image (padding; Mllama text before ``<|image|>``).
+
+    ``query_mask (B, Q)`` marks the captured rows that see the image; returns ``word_rows`` with
+    the others set to -1 and ``word_mask`` without the words left with no row.
+    """
+    visible = torch.gather(query_mask, 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
+    word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
+    return word_rows, word_mask & (word_rows >= 0).any(dim=-1)
+
+
 class AlignmentHead(nn.Module):
     """Aggregation + aligner + per-word normalisation, by name.
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lavender.alignment import normalize_maps, word_maps
+from lavender.alignment import normalize_maps, visible_word_rows, word_maps
 from lavender.images import ImageError
 from lavender.records import Record
 from lavender.student import AttentionCapture
@@ -283,10 +283,7 @@ def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> li
         model(**inputs)
     image_sizes = [(sample.image.height, sample.image.width) for sample in samples]
     maps = capture.maps(inputs, size=size, image_sizes=image_sizes).float().cpu()  # (B, L, H, Q, R, R)
-    # rows that cannot see the image (Mllama text before <|image|>) give no map, as in training
-    visible = torch.gather(capture.query_mask.cpu(), 1, word_rows.clamp_min(0).flatten(1)).view_as(word_rows)
-    word_rows = torch.where(visible & (word_rows >= 0), word_rows, -1)
-    word_mask = word_mask & (word_rows >= 0).any(dim=-1)
+    word_rows, word_mask = visible_word_rows(capture.query_mask.cpu(), word_rows, word_mask)
 
     kinds = {"raw": normalize_maps(word_maps(maps, word_rows).mean(dim=(2, 3))[word_mask], "minmax")}
     if head is not None:

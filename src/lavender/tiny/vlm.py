@@ -218,7 +218,8 @@ class Qwen2VLImageTextProcessor:
         self.chat_template = tokenizer.chat_template
 
     def apply_chat_template(self, messages, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        kwargs.setdefault("tokenize", False)
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
 
     def __call__(self, images=None, text=None, return_tensors="pt", **tokenizer_kwargs):
         from transformers import BatchFeature

@@ -71,12 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {defaults.seeds})")
     parser.add_argument("--steps", type=int, default=None, help=f"fine-tuning steps (default {defaults.steps})")
     parser.add_argument("--att-weight", type=float, default=None, help=f"λ (default {defaults.att_weight})")
+    parser.add_argument("--sft-size", type=int, default=None, help=f"SFT records (default {defaults.sft_size})")
+    parser.add_argument("--eval-size", type=int, default=None,
+                        help=f"records per test split (default {defaults.eval_size})")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else DemoSettings()
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
-                 "att_weight": args.att_weight}
+                 "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     try:
         models = locate_models(args.weights, args.dm, settings.archs)

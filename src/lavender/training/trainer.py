@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from lavender.alignment import AlignmentHead, AttentionWeight, attention_loss
+from lavender.alignment import AlignmentHead, AttentionWeight, attention_loss, visible_word_rows
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
 
 HEAD_NAME = "lavender_head"
@@ -190,11 +190,9 @@ class LavenderTrainer(Trainer):
             maps = self.capture.adapter.place(probs, model_inputs, self.resolution, request.image_sizes)
             query_mask = self.capture.adapter.query_mask(model_inputs, request.query_positions)
 
-        # rows that cannot see the image (padding; Mllama text before <|image|>) give no map
-        rows = request.word_rows
-        visible = torch.gather(query_mask & (request.query_positions >= 0), 1, rows.clamp_min(0).flatten(1))
-        rows = torch.where(visible.view_as(rows) & (rows >= 0), rows, -1)
-        word_mask = request.word_mask & (rows >= 0).any(dim=-1)
+        rows, word_mask = visible_word_rows(
+            query_mask & (request.query_positions >= 0), request.word_rows, request.word_mask
+        )
 
         predicted = self.head(maps, rows, word_mask, detach_maps=request.detach_maps)
         per_word = attention_loss(predicted, request.targets[word_mask].to(predicted.dtype))
