@@ -92,42 +92,44 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_ours(path: Path, images: list, device, dtype, batch_size: int) -> float:
+def make_ours(path: Path, images: list, device, dtype):
+    """A function extracting the maps of a batch of images (timed by the caller)."""
     from lavender.teacher.extract import ExtractionSettings, Teacher
 
     teacher = Teacher(path, ExtractionSettings(), device=device, dtype=dtype)
-    texts = [{"answer": TEXT}] * len(images)
-    teacher.word_maps(images[:batch_size], texts[:batch_size], list(range(batch_size)))  # warm-up
-    sync(device)
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        teacher.word_maps(images[i : i + batch_size], texts[i : i + batch_size], list(range(i, i + batch_size)))
-    sync(device)
-    return len(images) / (time.perf_counter() - start)
+
+    def run_batch() -> int:
+        teacher.word_maps(images, [{"answer": TEXT}] * len(images), list(range(len(images))))
+        return len(images)
+
+    return run_batch
 
 
 class RecordingAttnProcessor:
-    """diffusers' plain AttnProcessor (explicit softmax), also summing cross-attention maps."""
+    """diffusers' plain attention (explicit softmax via ``get_attention_scores``), which also
+    sums the cross-attention maps of the layers DAAM keeps, as DAAM does."""
 
     def __init__(self, heat: dict, record: bool) -> None:
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self.inner, self.heat, self.record = AttnProcessor(), heat, record
+        self.heat, self.record = heat, record
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        batch, queries, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key)
         if encoder_hidden_states is not None and self.record:
-            query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-            key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-            probs = attn.get_attention_scores(query, key).float()
-            side = int(probs.shape[1] ** 0.5)
-            maps = probs.view(-1, attn.heads, side, side, probs.shape[-1]).mean(dim=1).permute(0, 3, 1, 2)
+            side = int(queries**0.5)
+            maps = probs.float().view(batch, attn.heads, side, side, -1).mean(dim=1).permute(0, 3, 1, 2)
             maps = torch.nn.functional.interpolate(maps, size=(64, 64), mode="bilinear")
             self.heat["sum"] = self.heat.get("sum", 0) + maps
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
 
 
-@torch.no_grad()
-def bench_reference(path: Path, count: int, device, dtype, steps: int = 50) -> float:
+def make_reference(path: Path, device, dtype, steps: int = 50):
+    """A function running the DAAM-style reference on one image (timed by the caller)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -136,46 +138,47 @@ def bench_reference(path: Path, count: int, device, dtype, steps: int = 50) -> f
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     heat: dict = {}
-    coarsest = len(unet.config.block_out_channels) - 1
     for name, module in unet.named_modules():
         if name.endswith(("attn1", "attn2")):
             # DAAM keeps every cross-attention layer but the 8×8 ones (the mid block in SD-1.x)
-            module.set_processor(RecordingAttnProcessor(heat, record=not name.startswith("mid_block") and coarsest > 0))
+            module.set_processor(RecordingAttnProcessor(heat, record=not name.startswith("mid_block")))
 
-    def one_image(seed: int) -> None:
+    @torch.no_grad()
+    def run_image() -> int:
         ids = tokenizer([TEXT, ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         context = text_encoder(ids.to(device))[0]
-        generator = torch.Generator().manual_seed(seed)
-        latent = torch.randn((1, 4, unet.config.sample_size, unet.config.sample_size), generator=generator).to(device, dtype)
+        size = unet.config.sample_size
+        latent = torch.randn((1, 4, size, size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
         scheduler.set_timesteps(steps)
         for t in scheduler.timesteps:
             noise = unet(torch.cat([latent] * 2), t, encoder_hidden_states=context).sample
             conditional, unconditional = noise.chunk(2)
             latent = scheduler.step(unconditional + 7.5 * (conditional - unconditional), t, latent).prev_sample
         heat.clear()
+        return 1
 
-    one_image(0)  # warm-up
+    return run_image
+
+
+def timed(function, device) -> tuple[int, float]:
     sync(device)
     start = time.perf_counter()
-    for seed in range(count):
-        one_image(seed)
+    count = function()
     sync(device)
-    return count / (time.perf_counter() - start)
+    return count, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd14", action="store_true", help="SD-1.4 shapes at 512 px (meant for a GPU)")
-    parser.add_argument("--images", type=int, default=None, help="images for our extraction (default: 16 CPU, 512 GPU)")
-    parser.add_argument("--reference-images", type=int, default=None, help="images for the reference (default: 2 CPU, 8 GPU)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: 2 CPU, 4 GPU)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per UNet call (default: 4 CPU, 32 GPU)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"
-    count = args.images or (512 if gpu else 16)
-    reference_count = args.reference_images or (8 if gpu else 2)
+    rounds = args.rounds or (4 if gpu else 2)
     batch_size = args.batch_size or (32 if gpu else 4)
     with tempfile.TemporaryDirectory() as folder:
         path = build_model(Path(folder), args.sd14)
@@ -183,14 +186,22 @@ def main() -> None:
 
         size = UNet2DConditionModel.load_config(path / "unet")["sample_size"] * 8
         rng = np.random.default_rng(0)
-        images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
-        ours = bench_ours(path, images, device, dtype, batch_size)
-        reference = bench_reference(path, reference_count, device, dtype)
-    machine = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+        images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch_size)]
+        ours, reference = make_ours(path, images, device, dtype), make_reference(path, device, dtype)
+        ours(), reference()  # warm-up
+        # alternate the two, so a machine shared with other work slows both alike
+        totals = {"ours": [0, 0.0], "reference": [0, 0.0]}
+        for _ in range(rounds):
+            for name, function in (("ours", ours), ("reference", reference)):
+                count, seconds = timed(function, device)
+                totals[name][0] += count
+                totals[name][1] += seconds
+    rate = {name: count / seconds for name, (count, seconds) in totals.items()}
+    machine = torch.cuda.get_device_name(device) if gpu else f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"machine: {machine}; torch {torch.__version__}; {'SD-1.4 shapes' if args.sd14 else 'small SD-shaped UNet'}, {size} px, {dtype}")
-    print(f"ours (K=3 timesteps, batch {batch_size}): {ours:.3f} images/s over {count} images")
-    print(f"DAAM-style reference (50 steps, CFG, eager attention): {reference:.4f} images/s over {reference_count} images")
-    print(f"ratio: {ours / reference:.1f}x")
+    print(f"ours (K=3 timesteps, batch {batch_size}): {rate['ours']:.3f} images/s over {totals['ours'][0]} images")
+    print(f"DAAM-style reference (50 steps, CFG, eager attention): {rate['reference']:.4f} images/s over {totals['reference'][0]} images")
+    print(f"ratio: {rate['ours'] / rate['reference']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ example:
   lavender show --targets runs/targets --id 0 --output word-maps.png
 
 several processes (each takes every W-th shard; the store is shared):
-  accelerate launch --num_processes 2 -m lavender targets --data ... --output ...
+  accelerate launch --multi_gpu --num_processes 2 -m lavender targets --data ... --output ...
+  torchrun --nproc_per_node 2 -m lavender targets --data ... --output ...
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class DemoSettings:
     att_weight: float = 1.0
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
     resolution: int = 8  # the VLMs see an 8×8 patch grid
-    timesteps: tuple[int, ...] = (300, 500)
+    timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
 
 

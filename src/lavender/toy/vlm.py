@@ -45,7 +45,7 @@ class VLMConfig:
     text_hidden: int = 128
     text_layers: int = 4
     heads: int = 4
-    steps: int = 600
+    steps: int = 150
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 50
