@@ -407,7 +407,7 @@ def accuracy_chart(accuracy: dict, settings: DemoSettings, path: Path) -> Path:
         axis.set_title(f"{arch} · {split}", fontsize=10)
         axis.set_ylim(0, 100)
         axis.tick_params(axis="x", labelrotation=30, labelsize=8)
-    axes[0][0].set_ylabel(f"accuracy % (mean, 95% CI over {settings.seeds} seed(s))")
+    axes[0][0].set_ylabel(f"accuracy % ({settings.seeds} seed(s), 95% CI)")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
