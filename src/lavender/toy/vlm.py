@@ -45,8 +45,8 @@ class VLMConfig:
     text_hidden: int = 128
     text_layers: int = 4
     heads: int = 4
-    steps: int = 150
-    batch_size: int = 16
+    steps: int = 1200
+    batch_size: int = 32
     learning_rate: float = 1e-3
     warmup_steps: int = 50
     caption_fraction: float = 0.3  # share of samples that are "Describe the image." → caption
