@@ -38,7 +38,7 @@ _CORPUS = [
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _chat_template(image: str, turn_start: str, turn_end: str, bos: str = "") -> str:
+def chat_template(image: str, turn_start: str, turn_end: str, bos: str = "") -> str:
     """A Jinja chat template: ``turn_start`` holds ``ROLE`` (upper-cased role when it is
     written ``ROLE_UPPER``), content is a string or a list of ``{"type": "image"|"text"}``."""
     start = turn_start.replace("ROLE_UPPER", "' + message['role'] | upper + '").replace(
@@ -57,6 +57,15 @@ def _chat_template(image: str, turn_start: str, turn_end: str, bos: str = "") ->
         + "{% endfor %}"
         + "{% if add_generation_prompt %}{{ '" + start.replace("message['role']", "'assistant'") + "' }}{% endif %}"
     )
+
+
+# Llama-3.2-Vision's special tokens and chat format, shared with the toy world's Mllama.
+MLLAMA_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|image|>",
+                         "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+MLLAMA_BOS_EOS_PAD = ("<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
+MLLAMA_CHAT_TEMPLATE = chat_template(
+    "<|image|>", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n", "<|eot_id|>", bos="{{ bos_token }}"
+)
 
 
 def _tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, **extra):
@@ -93,7 +102,7 @@ def build_tiny_llava(seed: int = 0) -> tuple[PreTrainedModel, object]:
 
     tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
                            unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
-    template = _chat_template("<image>\n", "ROLE_UPPER: ", " ", bos="{{ bos_token }}")
+    template = chat_template("<image>\n", "ROLE_UPPER: ", " ", bos="{{ bos_token }}")
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84}
     )
@@ -131,12 +140,8 @@ def build_tiny_mllama(seed: int = 0) -> tuple[PreTrainedModel, object]:
         MllamaVisionConfig,
     )
 
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|image|>",
-                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
-    tokenizer = _tokenizer(specials, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
-    template = _chat_template(
-        "<|image|>", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n", "<|eot_id|>", bos="{{ bos_token }}"
-    )
+    tokenizer = _tokenizer(MLLAMA_SPECIAL_TOKENS, *MLLAMA_BOS_EOS_PAD)
+    template = MLLAMA_CHAT_TEMPLATE
     image_processor = MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
     vision = MllamaVisionConfig(
@@ -174,7 +179,7 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     tokenizer = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>")
-    template = _chat_template(
+    template = chat_template(
         "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>ROLE\\n", "<|im_end|>\\n"
     )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lavender.records import Record, Turn, read_records
-from lavender.tiny.vlm import _chat_template
+from lavender.tiny.vlm import MLLAMA_BOS_EOS_PAD, MLLAMA_CHAT_TEMPLATE, MLLAMA_SPECIAL_TOKENS, chat_template
 from lavender.toy.splits import CAPTION_QUESTION
 from lavender.toy.texts import vocabulary
 
@@ -87,7 +87,7 @@ def build_llava(config: VLMConfig):
     tokenizer = word_tokenizer(["<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
                                extra_special_tokens={"image_token": "<image>"})
     # Every turn ends with </s> so that the model learns to stop after its answer.
-    template = _chat_template("<image>\\n", "ROLE_UPPER: ", "</s>", bos="{{ bos_token }}")
+    template = chat_template("<image>\\n", "ROLE_UPPER: ", "</s>", bos="{{ bos_token }}")
     size = config.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
@@ -130,12 +130,8 @@ def build_mllama(config: VLMConfig):
         MllamaVisionConfig,
     )
 
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|image|>",
-                "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
-    tokenizer = word_tokenizer(specials, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
-    template = _chat_template(
-        "<|image|>", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n", "<|eot_id|>", bos="{{ bos_token }}"
-    )
+    tokenizer = word_tokenizer(MLLAMA_SPECIAL_TOKENS, *MLLAMA_BOS_EOS_PAD)
+    template = MLLAMA_CHAT_TEMPLATE
     size = config.image_size
     image_processor = MllamaImageProcessorPil(size={"height": size, "width": size}, max_image_tiles=1)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
