@@ -21,7 +21,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from lavender.toy.dm import MAX_TEXT_TOKENS, DMConfig, _texts, build_tokenizer, load_training_set, save
+from lavender.toy.dm import (MAX_TEXT_TOKENS, DMConfig, build_tokenizer, denoising_loss,
+                             load_training_set, save, training_texts)
 
 
 def main() -> None:
@@ -52,15 +53,11 @@ def main() -> None:
         rng = np.random.default_rng([args.seed, step])
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         indices = rng.integers(len(captions), size=args.batch_size)
-        tokens = tokenizer(_texts(indices, captions, scenes, config, rng), padding="max_length",
+        tokens = tokenizer(training_texts(indices, captions, scenes, config, rng), padding="max_length",
                            max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt").input_ids
         images = pixels[torch.from_numpy(indices)].float() / 127.5 - 1
-        noise = torch.randn(images.shape, generator=generator)
-        timesteps = torch.randint(args.min_timestep, len(alphas), (args.batch_size,), generator=generator)
-        a = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * images + (1 - a).sqrt() * noise
-        prediction = unet(noisy, timesteps, text_encoder(tokens).last_hidden_state).sample
-        loss = (((1 - a) / a).clamp(max=args.max_weight) * (prediction - noise) ** 2).mean()
+        loss = denoising_loss(unet, text_encoder, tokens, images, alphas, generator,
+                              min_timestep=args.min_timestep, max_weight=args.max_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -157,8 +157,8 @@ def load_training_set(data: Path, image_size: int):
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), captions, scenes
 
 
-def _texts(indices: np.ndarray, captions: list[str], scenes: list[Scene], config: DMConfig,
-           rng: np.random.Generator) -> list[str]:
+def training_texts(indices: np.ndarray, captions: list[str], scenes: list[Scene], config: DMConfig,
+                   rng: np.random.Generator) -> list[str]:
     from lavender.teacher.extract import BOTH_SEPARATOR  # how `--text both` joins question and answer
 
     texts = []
@@ -177,6 +177,26 @@ def _texts(indices: np.ndarray, captions: list[str], scenes: list[Scene], config
         else:
             texts.append(caption_variant(scenes[index], rng))
     return texts
+
+
+def denoising_loss(unet, text_encoder, tokens, images, alphas, generator, min_timestep: int = 0,
+                   max_weight: float | None = None):
+    """The ε-prediction loss of one batch, timesteps drawn uniformly from ``[min_timestep, T)``.
+
+    With ``max_weight``, each ε-error is weighted by (1 − ᾱ)/ᾱ clipped at it: the error in x₀
+    space, which gives high noise (where only the text tells what is where) its share of the
+    gradient. ``scripts/dm_highnoise_finetune.py`` uses it; docs/toy.md has the measurement.
+    """
+    import torch
+
+    noise = torch.randn(images.shape, generator=generator, device=images.device)
+    timesteps = torch.randint(min_timestep, len(alphas), (len(images),), generator=generator, device=images.device)
+    a = alphas[timesteps].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * images + (1 - a).sqrt() * noise
+    prediction = unet(noisy, timesteps, text_encoder(tokens).last_hidden_state).sample
+    if max_weight is None:
+        return torch.nn.functional.mse_loss(prediction, noise)
+    return (((1 - a) / a).clamp(max=max_weight) * (prediction - noise) ** 2).mean()
 
 
 def _learning_rate(step: int, config: DMConfig) -> float:
@@ -245,18 +265,13 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
         rng = np.random.default_rng([config.seed, step])
         generator = torch.Generator(torch_device).manual_seed(int(rng.integers(2**62)))
         indices = rng.integers(len(captions), size=config.batch_size)
-        texts = _texts(indices, captions, scenes, config, rng)
+        texts = training_texts(indices, captions, scenes, config, rng)
         tokens = tokenizer(texts, padding="max_length", max_length=MAX_TEXT_TOKENS, truncation=True,
                            return_tensors="pt").input_ids.to(torch_device)
         images = pixels[torch.from_numpy(indices).to(torch_device)].float() / 127.5 - 1.0
-        noise = torch.randn(images.shape, generator=generator, device=torch_device)
-        timesteps = torch.randint(0, len(alphas), (config.batch_size,), generator=generator, device=torch_device)
-        a = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * images + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
-        prediction = unet(noisy, timesteps, text_encoder(tokens).last_hidden_state).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = denoising_loss(unet, text_encoder, tokens, images, alphas, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)

@@ -68,10 +68,14 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def peak_hit(word_map: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether the map's peak cell lies on the mask."""
+    return bool(mask[np.unravel_index(np.argmax(word_map), word_map.shape)])
+
+
 def score_map(word_map: np.ndarray, mask: np.ndarray) -> dict:
     """Pointing hit, AUROC and chance for one (R, R) map and its (R, R) bool mask."""
-    peak = np.unravel_index(np.argmax(word_map), word_map.shape)
-    return {"hit": bool(mask[peak]), "auroc": auroc(word_map, mask), "chance": float(mask.mean())}
+    return {"hit": peak_hit(word_map, mask), "auroc": auroc(word_map, mask), "chance": float(mask.mean())}
 
 
 def _masks(record: Record, text: str, resolution: int, world: Path) -> dict[str, np.ndarray]:
@@ -119,7 +123,7 @@ def measure(model: str | Path, world: str | Path, split: str = "val", limit: int
                 for word, mask in _masks(record, text, resolution, world).items():
                     if word in output.maps and mask.any():
                         score = score_map(output.maps[word], mask)
-                        score["blind_hit"] = score_map(blind, mask)["hit"]
+                        score["blind_hit"] = peak_hit(blind, mask)
                         scores[word_category(word)].append(score)
         scores["all"] = [s for category in list(scores) for s in scores[category]]
         results[text] = {category: _summarise(values) for category, values in sorted(scores.items())}
