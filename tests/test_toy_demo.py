@@ -23,7 +23,7 @@ def _lavender(*argv: str) -> int:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("world")
-    sizes = {"dm_pretrain": 8, "vlm_pretrain": 8, "sft": 8, "test_id": 6, "test_ood": 6}
+    sizes = {"dm_pretrain": 8, "vlm_pretrain": 8, "sft": 8, "val": 6, "test_id": 6, "test_ood": 6}
     write_world(folder, sizes=sizes, splits=tuple(sizes), progress=False)
     return folder
 
@@ -61,6 +61,20 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
     assert "| llava | lavender − sft |" in (output / "results.md").read_text()
     figures = [output / "figures" / "accuracy.png", *(output / "figures").glob("maps_mllama_*.png")]
     assert len(figures) >= 2 and all(Image.open(path).size[0] > 100 for path in figures)
+
+
+def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world, weights, tmp_path, capsys):
+    output = tmp_path / "val"
+    common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
+              "--output", str(output), "--sft-size", "8", "--eval-size", "6")
+    assert _lavender(*common, "--steps", "1") == 0
+    results = json.loads((output / "results.json").read_text())
+    assert set(results["accuracy"]["llava"]["sft"]) == {"val"} and set(results["teacher"]) == {"sft", "val"}
+    assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
+    assert "(val):" in (output / "results.md").read_text()
+    # the same folder with other settings would mix two runs' models: refused before any work
+    assert _lavender(*common, "--steps", "2") == 2
+    assert "other steps" in capsys.readouterr().out
 
 
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):

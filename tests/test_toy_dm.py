@@ -134,3 +134,48 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         for key in straight:
             torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=f"{part} {key}")
 
+
+
+def test_a_continuation_starts_from_the_init_folders_weights(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    root, _ = trained
+    # learning rate 0: the continuation's weights are exactly the ones it loaded
+    still = DMConfig(**{**TINY.__dict__, "steps": 1, "learning_rate": 0.0, "init": str(root / "model"),
+                        "min_timestep": 300, "max_weight": 20.0, "seed": 1})
+    train(root / "world", tmp_path / "continued", still, device="cpu")
+    for part, name in [("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")]:
+        loaded, saved = load_file(root / "model" / part / name), load_file(tmp_path / "continued" / part / name)
+        for key in loaded:
+            torch.testing.assert_close(saved[key], loaded[key], rtol=0, atol=0, msg=f"{part} {key}")
+    wider = DMConfig(**{**still.__dict__, "block_out_channels": (32, 32, 32)})
+    with pytest.raises(ValueError, match="another architecture"):
+        train(root / "world", tmp_path / "wider", wider, device="cpu")
+
+
+def test_high_noise_weighting_matches_a_float64_recomputation():
+    from lavender.toy.dm import build_models, denoising_loss
+
+    tokenizer = build_tokenizer()
+    unet, text_encoder, scheduler = build_models(TINY, tokenizer)
+    tokens = tokenizer(["a red circle", "the blue square"], padding="max_length", max_length=32,
+                       return_tensors="pt").input_ids
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    alphas = scheduler.alphas_cumprod
+    loss = denoising_loss(unet, text_encoder, tokens, images, alphas, torch.Generator().manual_seed(3),
+                          min_timestep=990, max_weight=20.0)
+
+    # the same draws, in the order denoising_loss makes them
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(990, 1000, (2,), generator=generator)
+    assert (timesteps >= 990).all()
+    with torch.no_grad():
+        prediction = unet(alphas[timesteps].sqrt().view(-1, 1, 1, 1) * images
+                          + (1 - alphas[timesteps]).sqrt().view(-1, 1, 1, 1) * noise,
+                          timesteps, text_encoder(tokens).last_hidden_state).sample
+    a = alphas[timesteps].double()
+    weight = torch.minimum((1 - a) / a, torch.tensor(20.0, dtype=torch.float64))  # ≈ 200 at t ≥ 990: clipped
+    assert (weight == 20.0).all()
+    expected = (weight.view(-1, 1, 1, 1) * (prediction.double() - noise.double()) ** 2).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)

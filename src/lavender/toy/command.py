@@ -1,7 +1,9 @@
 """The toy world: write its data, pretrain its models.
 
     lavender toy data --output runs/world                     # all splits, seed 0
-    lavender toy pretrain-dm --data runs/world --output runs/toy-dm
+    lavender toy pretrain-dm --data runs/world --output runs/toy-dm-stage1
+    lavender toy pretrain-dm --data runs/world --init runs/toy-dm-stage1 --output runs/toy-dm \
+        --steps 2000 --learning-rate 3e-4 --min-timestep 300 --max-weight 20 --seed 1
     lavender toy dm-quality --model runs/toy-dm --data runs/world
     lavender toy pretrain-vlm --data runs/world --arch llava --output runs/toy-llava
 
@@ -44,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="UNet block widths (three: full, 1/2 and 1/4 resolution)")
     dm.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
     dm.add_argument("--image-size", type=int, default=defaults.image_size, help="the UNet's resolution")
+    dm.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    dm.add_argument("--init", type=Path, default=None, help="continue from this pretrain-dm folder's weights")
+    dm.add_argument("--min-timestep", type=int, default=defaults.min_timestep,
+                    help="draw timesteps from [N, 1000) (default %(default)s)")
+    dm.add_argument("--max-weight", type=float, default=defaults.max_weight,
+                    help="weight ε-errors by (1-ᾱ)/ᾱ clipped at this (x0-space loss; default: unweighted)")
     dm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
 
     quality = actions.add_parser("dm-quality", help="pointing accuracy of the diffusion model's per-word maps")
@@ -105,6 +113,10 @@ def _pretrain_dm(args: argparse.Namespace) -> int:
         block_out_channels=tuple(args.channels),
         text_hidden=args.text_hidden,
         image_size=args.image_size,
+        warmup_steps=args.warmup_steps,
+        min_timestep=args.min_timestep,
+        max_weight=args.max_weight,
+        init=str(args.init) if args.init else None,
     )
     summary = train(args.data, args.output, config, device=args.device)
     print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))

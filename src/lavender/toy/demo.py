@@ -7,7 +7,8 @@ For each VLM (a small LLaVA and a small Mllama, pretrained by ``lavender toy pre
 2. three fine-tunes per seed (``lavender train``, full fine-tuning): ``sft`` (λ = 0),
    ``lavender`` (λ > 0, teacher maps) and ``oracle`` (λ > 0, mask maps);
 3. each model, and the pretrained one, evaluated on ``test_id`` and ``test_ood``
-   (``lavender eval``: accuracy, and attention against teacher maps and masks).
+   (``lavender eval``: accuracy, and attention against teacher maps and masks); with
+   ``--validation``, on the ``val`` split instead: the runs that choose hyperparameters.
 
 The results (``results.json``, ``results.md``) give accuracy per arm, split and question type
 as the mean and 95 % interval over seeds, the teacher's own map quality, and the VLMs'
@@ -17,6 +18,7 @@ example:
   lavender demo --quick --output runs/demo-quick       # 1 seed, a few steps: a smoke run
   lavender demo --output runs/demo                     # 3 seeds, the numbers in docs/toy.md
   lavender demo --weights DIR                          # DIR/dm, DIR/llava, DIR/mllama
+  lavender demo --validation --steps 400 --output runs/val-400   # choose settings on val, never on a test split
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
 ARMS = ("sft", "lavender", "oracle")
-EVAL_SPLITS = ("test_id", "test_ood")
+TEST_SPLITS = ("test_id", "test_ood")
 # Student t quantiles (two-sided 95 %) by degrees of freedom, for intervals over a few seeds.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -48,9 +50,16 @@ class DemoSettings:
     learning_rate: float = 3e-4
     att_weight: float = 1.0
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
+    aligner: str = "sim"  # `lavender train`'s default
     resolution: int = 8  # the VLMs see an 8×8 patch grid
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
+    eval_splits: tuple[str, ...] = TEST_SPLITS  # ("val",): choosing settings
+
+    @property
+    def shown_split(self) -> str:
+        """The split whose per-type accuracy, attention and figures are shown: the hardest one."""
+        return self.eval_splits[-1]
 
 
 QUICK = DemoSettings(seeds=1, sft_size=48, eval_size=24, steps=6, batch_size=4)
@@ -73,17 +82,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--att-weight", type=float, default=None, help=f"λ (default {defaults.att_weight})")
     parser.add_argument("--sft-size", type=int, default=None, help=f"SFT records (default {defaults.sft_size})")
     parser.add_argument("--eval-size", type=int, default=None,
-                        help=f"records per test split (default {defaults.eval_size})")
+                        help=f"records per evaluated split (default {defaults.eval_size})")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help=f"fine-tuning learning rate (default {defaults.learning_rate})")
+    parser.add_argument("--text", choices=("answer", "question", "both"), default=None,
+                        help=f"the words aligned (default {defaults.text})")
+    parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
+    parser.add_argument("--validation", action="store_true",
+                        help="evaluate on the val split instead of the test splits (to choose settings)")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else DemoSettings()
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
-                 "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size}
+                 "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
+                 "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
+                 "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
-    except FileNotFoundError as error:
+        args.output.mkdir(parents=True, exist_ok=True)
+        _claim_output(args.output, settings, models)
+    except (FileNotFoundError, ValueError) as error:
         print(f"lavender demo: {error}")
         return 2
     results = run_demo(settings, models, args.output, world=args.world)
@@ -112,24 +132,26 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     """Run every step (each resumes: a finished step's output is reused); returns the results."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    _claim_output(output, settings, models)
     start = time.time()
     world = world or _write_world(output / "world", settings)
     data = {split: _subset(world, split, size, output / "data")
-            for split, size in (("sft", settings.sft_size), *((s, settings.eval_size) for s in EVAL_SPLITS))}
+            for split, size in (("sft", settings.sft_size), *((s, settings.eval_size) for s in settings.eval_splits))}
     stores = {split: _teacher_targets(models["dm"], data[split], output / "targets" / split, settings)
               for split in data}
     oracle = write_mask_store(data["sft"], output / "targets" / "oracle", settings.resolution, settings.text)
 
     evaluations: dict[str, dict] = {}
     for arch in settings.archs:
-        evaluations[f"{arch}/pretrained"] = _evaluate(models[arch], data, stores, output / "eval" / arch / "pretrained")
+        evaluations[f"{arch}/pretrained"] = _evaluate(models[arch], data, stores, output / "eval" / arch / "pretrained",
+                                                       settings.eval_splits)
         for arm in ARMS:
             for seed in range(settings.seeds):
                 name = f"{arch}/{arm}/seed{seed}"
                 targets = oracle if arm == "oracle" else stores["sft"]
                 weight = 0.0 if arm == "sft" else settings.att_weight
                 trained = _fine_tune(models[arch], data["sft"], targets, output / "train" / name, settings, weight, seed)
-                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name)
+                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name, settings.eval_splits)
 
     results = {
         "settings": asdict(settings),
@@ -145,11 +167,29 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     return results
 
 
+def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path]) -> None:
+    """Record what runs in ``output``; refuse a folder that holds another run's finished steps.
+
+    Steps resume by reusing what a folder holds, so other settings there would silently mix runs.
+    """
+    run = json.loads(json.dumps({"settings": asdict(settings),
+                                 "models": {name: str(Path(path).resolve()) for name, path in models.items()}}))
+    path = output / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = sorted(key for part in ("settings", "models") for key in run[part]
+                         if previous.get(part, {}).get(key) != run[part][key])
+        if changed:
+            raise ValueError(f"{output} holds a demo run with other {', '.join(changed)}; "
+                             "choose another --output (or remove the folder) to run these settings")
+    path.write_text(json.dumps(run, indent=2) + "\n")
+
+
 def _write_world(folder: Path, settings: DemoSettings) -> Path:
     from lavender.toy.splits import write_world
 
-    sizes = {"sft": settings.sft_size, **{s: settings.eval_size for s in EVAL_SPLITS}}
-    write_world(folder, seed=settings.world_seed, sizes=sizes, splits=("sft", *EVAL_SPLITS), progress=False)
+    sizes = {"sft": settings.sft_size, **{s: settings.eval_size for s in settings.eval_splits}}
+    write_world(folder, seed=settings.world_seed, sizes=sizes, splits=("sft", *settings.eval_splits), progress=False)
     return folder
 
 
@@ -248,6 +288,7 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
     keys = {
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
+        "aligner": settings.aligner,
         "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 0,
         "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,
@@ -257,10 +298,11 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
     return output
 
 
-def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], output: Path) -> dict:
-    """``{split: metrics.json}`` for the test splits."""
+def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], output: Path,
+              splits: tuple[str, ...]) -> dict:
+    """``{split: metrics.json}`` for the evaluated splits."""
     metrics = {}
-    for split in EVAL_SPLITS:
+    for split in splits:
         folder = output / split
         if not (folder / "metrics.json").is_file():
             _cli(["eval", "--model", str(model), "--data", str(data[split]), "--output", str(folder),
@@ -291,7 +333,7 @@ def accuracy_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict
                 **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in ARMS}}
         for arm, metrics in runs.items():
             table[arch][arm] = {}
-            for split in EVAL_SPLITS:
+            for split in settings.eval_splits:
                 types = sorted(metrics[0][split].get("by_question_type", {}))
                 table[arch][arm][split] = {
                     "overall": mean_interval([m[split]["overall"]["score"] for m in metrics]),
@@ -299,7 +341,7 @@ def accuracy_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict
                         t: mean_interval([m[split]["by_question_type"][t]["score"] for m in metrics]) for t in types
                     },
                 }
-        for split in EVAL_SPLITS:
+        for split in settings.eval_splits:
             score = {arm: [m[split]["overall"]["score"] for m in runs[arm]] for arm in ARMS}
             gain = [lav - sft for lav, sft in zip(score["lavender"], score["sft"])]
             oracle_gain = [o - sft for o, sft in zip(score["oracle"], score["sft"])]
@@ -322,7 +364,7 @@ def attention_table(evaluations: dict[str, dict], settings: DemoSettings) -> dic
         table[arch] = {
             arm: {split: {name: _mean_of(m[split].get("attention", {}).get("raw", {}).get(name) for m in metrics)
                           for name in names}
-                  for split in EVAL_SPLITS}
+                  for split in settings.eval_splits}
             for arm, metrics in runs.items()
         }
     return table
@@ -359,7 +401,7 @@ def _figures(models, data, stores, output: Path, settings: DemoSettings, results
     paths = [str(accuracy_chart(results["accuracy"], settings, output / "figures" / "accuracy.png"))]
     for arch in settings.archs:
         paths += [str(p) for p in word_map_figures(
-            models[arch], output / "train" / arch / "lavender" / "seed0", data["test_ood"], stores["test_ood"],
+            models[arch], output / "train" / arch / "lavender" / "seed0", data[settings.shown_split], stores[settings.shown_split],
             output / "figures", arch)]
     return paths
 
@@ -397,7 +439,7 @@ def accuracy_chart(accuracy: dict, settings: DemoSettings, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     arms = ("pretrained", *ARMS)
-    panels = [(arch, split) for arch in settings.archs for split in EVAL_SPLITS]
+    panels = [(arch, split) for arch in settings.archs for split in settings.eval_splits]
     figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
     for axis, (arch, split) in zip(axes[0], panels):
         entries = [accuracy[arch][arm][split]["overall"] for arm in arms]
@@ -429,37 +471,41 @@ def _number(value: float | None, percent: bool = False) -> str:
 def format_results(results: dict) -> str:
     """Markdown: accuracy, Lavender − SFT, teacher quality, attention before/after."""
     settings = results["settings"]
+    splits = tuple(settings["eval_splits"])
+    shown = splits[-1]
     lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
-             f"λ = {settings['att_weight']}, {settings['sft_size']} SFT records, {settings['eval_size']} per test split)",
+             f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
+             f"aligner {settings['aligner']}, "
+             f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split)",
              "", "Accuracy % (mean ± 95 % interval over seeds):", "",
-             "| VLM | arm | " + " | ".join(EVAL_SPLITS) + " |", "|---|---|" + "---|" * len(EVAL_SPLITS)]
+             "| VLM | arm | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
     accuracy = results["accuracy"]
     for arch, arms in accuracy.items():
         for arm in ("pretrained", *ARMS):
-            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(arms[arm][s]["overall"]) for s in EVAL_SPLITS) + " |")
+            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(arms[arm][s]["overall"]) for s in splits) + " |")
         lines.append(f"| {arch} | lavender − sft | "
-                     + " | ".join(_cell(arms["lavender_minus_sft"][s]) for s in EVAL_SPLITS) + " |")
+                     + " | ".join(_cell(arms["lavender_minus_sft"][s]) for s in splits) + " |")
         lines.append(f"| {arch} | oracle − sft | "
-                     + " | ".join(_cell(arms["oracle_minus_sft"][s]) for s in EVAL_SPLITS) + " |")
+                     + " | ".join(_cell(arms["oracle_minus_sft"][s]) for s in splits) + " |")
         lines.append(f"| {arch} | share of oracle gain | "
-                     + " | ".join(_number(arms["recovered_of_oracle_gain"][s]) for s in EVAL_SPLITS) + " |")
-    lines += ["", "Accuracy % by question type (test_ood):", ""]
-    types = sorted({t for arms in accuracy.values() for t in arms["sft"]["test_ood"]["by_question_type"]})
+                     + " | ".join(_number(arms["recovered_of_oracle_gain"][s]) for s in splits) + " |")
+    lines += ["", f"Accuracy % by question type ({shown}):", ""]
+    types = sorted({t for arms in accuracy.values() for t in arms["sft"][shown]["by_question_type"]})
     lines += ["| VLM | arm | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
     for arch, arms in accuracy.items():
         for arm in ("pretrained", *ARMS):
-            by_type = arms[arm]["test_ood"]["by_question_type"]
+            by_type = arms[arm][shown]["by_question_type"]
             lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(by_type.get(t)) for t in types) + " |")
     lines += ["", "Teacher maps vs ground-truth masks (per word):", "",
               "| split | words | pointing % | IoU | entropy |", "|---|---|---|---|---|"]
     for split, quality in results["teacher"].items():
         lines.append(f"| {split} | {quality['words']} | {_number(quality['pointing'], True)} | "
                      f"{_number(quality['iou'])} | {_number(quality['entropy'])} |")
-    lines += ["", "VLM attention (raw: mean over captured layers and heads) on test_ood:", "",
+    lines += ["", f"VLM attention (raw: mean over captured layers and heads) on {shown}:", "",
               "| VLM | model | entropy | pearson vs teacher | pointing % | IoU |", "|---|---|---|---|---|---|"]
     for arch, arms in results["attention"].items():
-        for arm, splits in arms.items():
-            a = splits["test_ood"]
+        for arm, by_split in arms.items():
+            a = by_split[shown]
             lines.append(f"| {arch} | {arm} | {_number(a['entropy'])} | {_number(a['pearson'])} | "
                          f"{_number(a['pointing'], True)} | {_number(a['iou'])} |")
     lines += ["", f"Wall time: {results['wall_seconds']:.0f} s."]

@@ -16,7 +16,9 @@ Saved as ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_i
 Pixels are scaled to [-1, 1], as SD's VAE expects. torch is imported inside functions so
 that ``lavender --help`` stays fast.
 
-Training is plain DDPM noise prediction on the ``dm_pretrain`` split with 10 % empty texts.
+Training is DDPM noise prediction on the ``dm_pretrain`` split with 10 % empty texts, in two
+stages (docs/toy.md): uniform timesteps from scratch, then a continuation (``init``) with the loss
+weighted towards high noise, without which the model learns to denoise without reading its text.
 Texts mix full captions, partial ones (some objects, some attributes: they tie each word to its
 own object, which is what per-word maps need) and questions about the scene (the texts the
 teacher will read).
@@ -55,6 +57,11 @@ class DMConfig:
     empty_text_rate: float = 0.1
     full_caption_rate: float = 0.4
     question_rate: float = 0.2  # the rest: partial captions
+    # Timesteps are drawn from [min_timestep, 1000); with max_weight, each ε-error is weighted
+    # by (1 − ᾱ)/ᾱ clipped at it (see denoising_loss): the high-noise stage of the recorded recipe.
+    min_timestep: int = 0
+    max_weight: float | None = None
+    init: str | None = None  # a pretrain-dm folder to continue from (weights only), or None: from scratch
     seed: int = 0
 
 
@@ -185,7 +192,7 @@ def denoising_loss(unet, text_encoder, tokens, images, alphas, generator, min_ti
 
     With ``max_weight``, each ε-error is weighted by (1 − ᾱ)/ᾱ clipped at it: the error in x₀
     space, which gives high noise (where only the text tells what is where) its share of the
-    gradient. ``scripts/dm_highnoise_finetune.py`` uses it; docs/toy.md has the measurement.
+    gradient: the second stage of the recorded recipe; docs/toy.md has the measurement.
     """
     import torch
 
@@ -222,6 +229,8 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
     torch_device = resolve_device(device)
     tokenizer = build_tokenizer()
     unet, text_encoder, scheduler = build_models(config, tokenizer)
+    if config.init is not None:
+        _load_weights(Path(config.init), unet, text_encoder)
     unet.to(torch_device).train()
     text_encoder.to(torch_device).train()
     parameters = [*unet.parameters(), *text_encoder.parameters()]
@@ -271,7 +280,8 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
         images = pixels[torch.from_numpy(indices).to(torch_device)].float() / 127.5 - 1.0
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
-        loss = denoising_loss(unet, text_encoder, tokens, images, alphas, generator)
+        loss = denoising_loss(unet, text_encoder, tokens, images, alphas, generator,
+                              min_timestep=config.min_timestep, max_weight=config.max_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -293,6 +303,20 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
     save(output, unet, text_encoder, tokenizer, scheduler, result)
     checkpoint_path.unlink(missing_ok=True)
     return result
+
+
+def _load_weights(folder: Path, unet, text_encoder) -> None:
+    """Load a pretrain-dm folder's weights into models built from the same architecture."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"--init {folder}: not a folder written by `lavender toy pretrain-dm`")
+    try:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+        text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+    except RuntimeError as error:
+        raise ValueError(f"--init {folder} has another architecture than this run's options: {error}") from error
 
 
 def save(output: Path, unet, text_encoder, tokenizer, scheduler, summary: dict) -> None:
