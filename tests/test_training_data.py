@@ -63,10 +63,10 @@ def test_expand_positions_property(tokens):
     assert where == sorted(set(where))
 
 
-def _batch(vlm, records, store, att_text="answer", strict=False):
+def _batch(vlm, records, store, att_text="answer", strict=False, query_rows="word"):
     model, processor = vlm
     dataset = LavenderDataset(records, store, processor, att_text=att_text, strict=strict)
-    collator = LavenderCollator(processor, image_token_id(model.config))
+    collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
     samples = [dataset[i] for i in range(len(dataset))]
     return samples, collator(samples)
 
@@ -99,6 +99,27 @@ def test_word_rows_decode_to_the_words(vlm, data):
             assert pieces == key * occurrences
             assert batch["lavender_word_mask"][b, w]
             np.testing.assert_array_equal(batch["lavender_targets"][b, w].numpy(), store.get(sample.record_id)[key])
+
+
+def _word_positions(batch) -> list[list[list[int]]]:
+    """Per sample, per word: the sequence positions of its query rows."""
+    result = []
+    for b in range(batch["input_ids"].shape[0]):
+        queries = batch["lavender_query_positions"][b]
+        rows = batch["lavender_word_rows"][b]
+        result.append([sorted(queries[word[word >= 0]].tolist()) for word in rows])
+    return result
+
+
+def test_predicting_rows_sit_one_left_of_the_words_tokens(vlm, data):
+    """The rows whose outputs predict a word's tokens: each of the word's positions minus one."""
+    records, store = data
+    _, own = _batch(vlm, records[:3], store, att_text="both")
+    _, predicting = _batch(vlm, records[:3], store, att_text="both", query_rows="predicting")
+    assert _word_positions(predicting) == [[[p - 1 for p in word] for word in sample] for sample in _word_positions(own)]
+    torch.testing.assert_close(predicting["lavender_targets"], own["lavender_targets"])
+    with pytest.raises(ValueError, match="query_rows"):
+        LavenderCollator(vlm[1], image_token_id(vlm[0].config), "previous")
 
 
 def test_missing_words_are_counted_not_matched(vlm, data):

@@ -98,6 +98,16 @@ def test_full_finetuning_saves_a_plain_model_without_the_head(world, mllama):
     assert (output / HEAD_FILE).exists()
 
 
+def test_predicting_rows_align_other_attention_on_the_same_batch(world, llava):
+    """The first step sees the same model and batch: the LM loss agrees, the alignment loss does not."""
+    word = train_logs(train(build_config(_keys(world, llava, "rows-word", max_steps=1))))[0]
+    predicting = train_logs(train(build_config(_keys(world, llava, "rows-predicting", max_steps=1,
+                                                     att_rows="predicting"))))[0]
+    assert _close(word["lm_loss"], predicting["lm_loss"])
+    assert not _close(word["att_loss"], predicting["att_loss"])
+    assert word["words_matched"] == predicting["words_matched"]
+
+
 def test_gradient_accumulation_matches_one_big_batch(world, llava):
     """Batch 2 in one step == batch 1 accumulated over 2: L_att is normalised over the whole step."""
     big = train(build_config(_keys(world, llava, "big", per_device_train_batch_size=2, learning_rate=1e-3)))

@@ -184,13 +184,14 @@ def record_word_maps(
     size: int = 32,
     side: str = "both",
     layers: Sequence[int] | None = None,
+    query_rows: str = "word",
 ) -> dict[str, np.ndarray]:
     """The VLM's raw normalised map of each of ``keys`` found in ``record``'s text (for figures)."""
     targets = _WordTargets(None, {record.id: set(keys)}, size)
     sample = LavenderDataset([record], targets, processor, att_text=side).prepare(record)
     capture = AttentionCapture(model, layers=layers)
     try:
-        collator = LavenderCollator(processor, image_token_id(model.config))
+        collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
         return vlm_word_maps(model, capture, collator, [sample], size)[0]["raw"]
     finally:
         capture.close()
@@ -207,6 +208,7 @@ def evaluate_attention(
     size: int = 32,
     batch_size: int = 8,
     output: str | Path | None = None,
+    query_rows: str = "word",
 ) -> dict[str, Any]:
     """Attention metrics over the records that have teacher maps and/or masks.
 
@@ -239,7 +241,7 @@ def evaluate_attention(
 
     head = _load_head(model_dir)
     dataset = LavenderDataset(measured, words, processor, att_text=side)
-    collator = LavenderCollator(processor, image_token_id(model.config))
+    collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
     capture = AttentionCapture(model, layers=layers)
     rows: list[dict[str, Any]] = []
     try:
@@ -257,7 +259,7 @@ def evaluate_attention(
     if output is not None:
         with (Path(output) / "attention.jsonl").open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return {**summarize_words(rows), "resolution": size, "text": side, "failed": failed}
+    return {**summarize_words(rows), "resolution": size, "text": side, "query_rows": query_rows, "failed": failed}
 
 
 def _load_head(model_dir: str | Path | None):

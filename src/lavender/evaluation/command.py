@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", help="teacher target store: adds attention metrics against its maps")
     parser.add_argument("--map-size", type=int, default=32, help="side of the VLM maps when there is no target store")
     parser.add_argument("--att-layers", type=int, nargs="+", help="captured layers (default: the training run's att_layers, else the architecture's)")
+    parser.add_argument("--att-rows", choices=("word", "predicting"),
+                        help="whose attention a word's map is: its own tokens' rows or the rows predicting them "
+                             "(default: the training run's att_rows, else word)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two evaluation output folders")
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             root=_data_root(args),
             targets=args.targets,
             model_dir=args.model,
-            layers=args.att_layers or _trained_layers(Path(args.model)),
+            layers=args.att_layers or _trained_setting(Path(args.model), "att_layers"),
+            query_rows=args.att_rows or _trained_setting(Path(args.model), "att_rows") or "word",
             size=args.map_size,
             batch_size=args.batch_size,
             output=output,
@@ -160,12 +164,12 @@ def _data_root(args: argparse.Namespace) -> Path:
     return data if data.is_dir() else data.parent
 
 
-def _trained_layers(model_dir: Path) -> list[int] | None:
-    """The layers the model was aligned on (``att_layers`` of the run's ``lavender_train.yaml``)."""
+def _trained_setting(model_dir: Path, key: str) -> Any:
+    """How the model was aligned (``key`` of the run's ``lavender_train.yaml``), None if not recorded."""
     config = model_dir / "lavender_train.yaml"
     if not config.is_file():
         return None
     import yaml
 
-    return yaml.safe_load(config.read_text()).get("att_layers")
+    return yaml.safe_load(config.read_text()).get(key)
 

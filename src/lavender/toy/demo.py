@@ -51,6 +51,7 @@ class DemoSettings:
     att_weight: float = 1.0
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
     aligner: str = "sim"  # `lavender train`'s default
+    rows: str = "word"  # whose attention is aligned: the word's own rows or the rows predicting it
     resolution: int = 8  # the VLMs see an 8×8 patch grid
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
@@ -88,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", choices=("answer", "question", "both"), default=None,
                         help=f"the words aligned (default {defaults.text})")
     parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
+    parser.add_argument("--att-rows", choices=("word", "predicting"), default=None,
+                        help=f"the query rows aligned to a word's map (default {defaults.rows})")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the val split instead of the test splits (to choose settings)")
 
@@ -97,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
                  "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
                  "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
+                 "rows": args.att_rows,
                  "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -144,14 +148,14 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     evaluations: dict[str, dict] = {}
     for arch in settings.archs:
         evaluations[f"{arch}/pretrained"] = _evaluate(models[arch], data, stores, output / "eval" / arch / "pretrained",
-                                                       settings.eval_splits)
+                                                       settings)
         for arm in ARMS:
             for seed in range(settings.seeds):
                 name = f"{arch}/{arm}/seed{seed}"
                 targets = oracle if arm == "oracle" else stores["sft"]
                 weight = 0.0 if arm == "sft" else settings.att_weight
                 trained = _fine_tune(models[arch], data["sft"], targets, output / "train" / name, settings, weight, seed)
-                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name, settings.eval_splits)
+                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name, settings)
 
     results = {
         "settings": asdict(settings),
@@ -288,7 +292,7 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
     keys = {
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
-        "aligner": settings.aligner,
+        "aligner": settings.aligner, "att_rows": settings.rows,
         "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 0,
         "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,
@@ -299,15 +303,15 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
 
 
 def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], output: Path,
-              splits: tuple[str, ...]) -> dict:
+              settings: DemoSettings) -> dict:
     """``{split: metrics.json}`` for the evaluated splits."""
     metrics = {}
-    for split in splits:
+    for split in settings.eval_splits:
         folder = output / split
         if not (folder / "metrics.json").is_file():
             _cli(["eval", "--model", str(model), "--data", str(data[split]), "--output", str(folder),
                   "--targets", str(stores[split]), "--max-new-tokens", "6", "--batch-size", "16",
-                  "--device", "cpu", "--dtype", "float32"])
+                  "--att-rows", settings.rows, "--device", "cpu", "--dtype", "float32"])
         metrics[split] = json.loads((folder / "metrics.json").read_text())
     return metrics
 
@@ -402,12 +406,12 @@ def _figures(models, data, stores, output: Path, settings: DemoSettings, results
     for arch in settings.archs:
         paths += [str(p) for p in word_map_figures(
             models[arch], output / "train" / arch / "lavender" / "seed0", data[settings.shown_split], stores[settings.shown_split],
-            output / "figures", arch)]
+            output / "figures", arch, settings.rows)]
     return paths
 
 
 def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, folder: Path, arch: str,
-                     examples: int = 3) -> list[Path]:
+                     rows: str = "word", examples: int = 3) -> list[Path]:
     """Per example: the masks, the teacher's maps, the VLM's before and after fine-tuning."""
     from lavender.evaluation.attention import load_masks, record_word_maps
     from lavender.evaluation.generation import load_model
@@ -424,11 +428,12 @@ def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, fo
     for record in records:
         teacher = store.get(record.id)
         keys = list(teacher)
-        rows = {"mask": {k: m.astype(float) for k, m in load_masks(record, Path(data).parent).items() if k in keys},
+        maps = {"mask": {k: m.astype(float) for k, m in load_masks(record, Path(data).parent).items() if k in keys},
                 "teacher": teacher}
         for title, (model, processor) in loaded.items():
-            rows[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=side)
-        paths.append(plot_word_maps(load_image(record.image), rows, folder / f"maps_{arch}_{record.id}.png"))
+            maps[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=side,
+                                           query_rows=rows)
+        paths.append(plot_word_maps(load_image(record.image), maps, folder / f"maps_{arch}_{record.id}.png"))
     return paths
 
 
@@ -475,7 +480,7 @@ def format_results(results: dict) -> str:
     shown = splits[-1]
     lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
              f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
-             f"aligner {settings['aligner']}, "
+             f"aligner {settings['aligner']}, rows {settings.get('rows', 'word')}, "
              f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split)",
              "", "Accuracy % (mean ± 95 % interval over seeds):", "",
              "| VLM | arm | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]

@@ -75,6 +75,8 @@ class LavenderArguments:
     att_layers: list[int] | None = None  # None = the architecture's default layers
     att_resolution: int | None = None  # None = the targets' resolution; set it to insist on one
     att_text: Literal["answer", "question", "both"] = "answer"
+    # whose attention is aligned to a word's map: its own tokens' rows, or the rows predicting them
+    att_rows: Literal["word", "predicting"] = "word"
     att_source: Literal["model", "parallel"] = "model"  # parallel: new q/k per layer, for alignment only
     aggregation: str = "mean"
     aligner: str = "sim"
@@ -206,6 +208,7 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
 def _check_lavender(args: LavenderArguments) -> None:
     """Problems visible from the keys alone; the model- and store-dependent checks run in setup."""
     from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
+    from lavender.training.data import QUERY_ROWS
 
     for name in ("model_name_or_path", "train_file", "targets_dir"):
         if not getattr(args, name):
@@ -218,6 +221,7 @@ def _check_lavender(args: LavenderArguments) -> None:
         )
     choices = {
         "att_text": TEXT_SIDES,
+        "att_rows": QUERY_ROWS,
         "att_source": ("model", "parallel"),
         "aggregation": sorted(AGGREGATIONS),
         "aligner": sorted(ALIGNERS),

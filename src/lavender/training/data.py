@@ -6,7 +6,9 @@ character spans:
 
 * labels: only the assistant turns (their content and the template's end-of-turn marker);
 * words: the question and/or answer text (``att_text``) split with :func:`lavender.words.split_words`;
-  a word's query positions are its own tokens, found through the tokenizer's offsets.
+  a word's query positions are its own tokens, found through the tokenizer's offsets, or, with
+  ``query_rows="predicting"``, the positions one to the left: the rows whose outputs predict the
+  word's tokens (what the authors' argmax keying amounts to, without depending on the model's mistakes).
 
 Offsets come from tokenising the rendered string as is (one image placeholder token). Processors
 then expand that placeholder into N image tokens (LLaVA, Qwen2-VL), so positions are carried over
@@ -30,6 +32,7 @@ from lavender.words import Word, split_words, tokens_of_words
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
 BATCH_KEYS = ("lavender_query_positions", "lavender_word_rows", "lavender_targets", "lavender_word_mask")
 COUNTS_KEY = "lavender_counts"  # (3,): matched words, missing words, skipped records
 COUNT_NAMES = ("words_matched", "words_missing", "records_skipped")
@@ -228,10 +231,13 @@ class LavenderCollator:
     unpadded sequence) and lays out each architecture's image inputs.
     """
 
-    def __init__(self, processor, image_token: int):
+    def __init__(self, processor, image_token: int, query_rows: str = "word"):
+        if query_rows not in QUERY_ROWS:
+            raise ValueError(f"query_rows must be one of {', '.join(QUERY_ROWS)}, got {query_rows!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_token = image_token
+        self.shift = 1 if query_rows == "predicting" else 0
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         prompts = [s.prompt for s in samples]
@@ -257,7 +263,7 @@ class LavenderCollator:
             per_word = []
             for occurrences in sample.words:
                 tokens = sorted({t for group in tokens_of_words(offsets, occurrences) for t in group})
-                per_word.append([where[t] for t in tokens])
+                per_word.append([where[t] - self.shift for t in tokens if where[t] >= self.shift])
             rows_per_sample.append(per_word)
         batch["labels"] = labels
         batch.update(_word_tensors(samples, rows_per_sample))

@@ -131,7 +131,7 @@ def build_trainer(config: TrainConfig):
 
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
     image_token = image_token_id(model.config)
-    collator = LavenderCollator(processor, image_token)
+    collator = LavenderCollator(processor, image_token, query_rows=args.att_rows)
     collator([dataset[0]])  # one real batch: template, tokenizer and targets agree
 
     return LavenderTrainer(
