@@ -179,3 +179,15 @@ def test_high_noise_weighting_matches_a_float64_recomputation():
     assert (weight == 20.0).all()
     expected = (weight.view(-1, 1, 1, 1) * (prediction.double() - noise.double()) ** 2).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_learning_rate_schedules_after_the_warm_up():
+    from lavender.toy.dm import _learning_rate
+
+    cosine = DMConfig(steps=10, learning_rate=1.0, warmup_steps=2)
+    assert [_learning_rate(step, cosine) for step in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert _learning_rate(6, cosine) == pytest.approx(0.5)  # half-way through the decay
+    constant = DMConfig(steps=10, learning_rate=3e-4, warmup_steps=0, schedule="constant")
+    assert {_learning_rate(step, constant) for step in range(10)} == {3e-4}
+    with pytest.raises(ValueError, match="schedule"):
+        train("unused", "unused", DMConfig(schedule="linear"), device="cpu")

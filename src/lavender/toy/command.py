@@ -3,7 +3,8 @@
     lavender toy data --output runs/world                     # all splits, seed 0
     lavender toy pretrain-dm --data runs/world --output runs/toy-dm-stage1
     lavender toy pretrain-dm --data runs/world --init runs/toy-dm-stage1 --output runs/toy-dm \
-        --steps 2000 --learning-rate 3e-4 --min-timestep 300 --max-weight 20 --seed 1
+        --steps 2000 --learning-rate 3e-4 --warmup-steps 0 --schedule constant \
+        --min-timestep 300 --max-weight 20 --seed 1
     lavender toy dm-quality --model runs/toy-dm --data runs/world
     lavender toy pretrain-vlm --data runs/world --arch llava --output runs/toy-llava
 
@@ -47,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dm.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
     dm.add_argument("--image-size", type=int, default=defaults.image_size, help="the UNet's resolution")
     dm.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    dm.add_argument("--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+                    help="learning rate after the warm-up (default %(default)s)")
     dm.add_argument("--init", type=Path, default=None, help="continue from this pretrain-dm folder's weights")
     dm.add_argument("--min-timestep", type=int, default=defaults.min_timestep,
                     help="draw timesteps from [N, 1000) (default %(default)s)")
@@ -114,6 +117,7 @@ def _pretrain_dm(args: argparse.Namespace) -> int:
         text_hidden=args.text_hidden,
         image_size=args.image_size,
         warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
         min_timestep=args.min_timestep,
         max_weight=args.max_weight,
         init=str(args.init) if args.init else None,

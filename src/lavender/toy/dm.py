@@ -41,6 +41,7 @@ from lavender.toy.world import Scene
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<bos>", "eos": "<eos>"}
 PUNCTUATION = (",", ".", "?")
 MAX_TEXT_TOKENS = 32
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DMConfig:
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 200
+    schedule: str = "cosine"  # after the warm-up: "cosine" decay to 0, or "constant"
     empty_text_rate: float = 0.1
     full_caption_rate: float = 0.4
     question_rate: float = 0.2  # the rest: partial captions
@@ -209,6 +211,8 @@ def denoising_loss(unet, text_encoder, tokens, images, alphas, generator, min_ti
 def _learning_rate(step: int, config: DMConfig) -> float:
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return config.learning_rate
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -224,6 +228,8 @@ def train(data: str | Path, output: str | Path, config: DMConfig, device: str = 
     import torch
     from tqdm import tqdm
 
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {config.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     data, output = Path(data), Path(output)
     output.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
