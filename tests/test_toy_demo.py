@@ -54,9 +54,11 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
                 assert entry["by_question_type"]
                 assert results["attention"][arch][arm][split]["entropy"] is not None
     # each arm was really trained: λ = 0 for plain SFT, > 0 for the others
-    for arm, weight in (("sft", 0.0), ("lavender", 1.0), ("oracle", 1.0)):
+    from lavender.toy.demo import QUICK
+
+    for arm, weight in (("sft", 0.0), ("lavender", QUICK.att_weight), ("oracle", QUICK.att_weight)):
         train_keys = (output / "train" / "llava" / arm / "seed0" / "lavender_train.yaml").read_text()
-        assert f"att_weight: {weight}" in train_keys
+        assert f"att_weight: {weight}" in train_keys and f"att_rows: {QUICK.rows}" in train_keys
     assert results["teacher"]["sft"]["words"] > 0
     assert "| llava | lavender − sft |" in (output / "results.md").read_text()
     figures = [output / "figures" / "accuracy.png", *(output / "figures").glob("maps_mllama_*.png")]
