@@ -17,6 +17,7 @@ from typing import Any
 
 from lavender.evaluation.report import PREDICTIONS
 from lavender.evaluation.scoring import SCORERS
+from lavender.training.config import QUERY_ROWS
 
 SETTINGS = "eval_settings.json"
 
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", help="teacher target store: adds attention metrics against its maps")
     parser.add_argument("--map-size", type=int, default=32, help="side of the VLM maps when there is no target store")
     parser.add_argument("--att-layers", type=int, nargs="+", help="captured layers (default: the training run's att_layers, else the architecture's)")
-    parser.add_argument("--att-rows", choices=("word", "predicting"),
+    parser.add_argument("--att-rows", choices=QUERY_ROWS,
                         help="whose attention a word's map is: its own tokens' rows or the rows predicting them "
                              "(default: the training run's att_rows, else word)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

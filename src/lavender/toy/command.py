@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--splits", nargs="+", default=None, choices=[s.name for s in SPLITS], metavar="SPLIT",
                       help="only these splits (default: all)")
 
-    from lavender.toy.dm import DMConfig
+    from lavender.toy.dm import SCHEDULES, DMConfig
 
     defaults = DMConfig()
     dm = actions.add_parser("pretrain-dm", help="train the small text-to-image diffusion model (SD-1.x layout)")
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dm.add_argument("--text-hidden", type=int, default=defaults.text_hidden)
     dm.add_argument("--image-size", type=int, default=defaults.image_size, help="the UNet's resolution")
     dm.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
-    dm.add_argument("--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+    dm.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                     help="learning rate after the warm-up (default %(default)s)")
     dm.add_argument("--init", type=Path, default=None, help="continue from this pretrain-dm folder's weights")
     dm.add_argument("--min-timestep", type=int, default=defaults.min_timestep,

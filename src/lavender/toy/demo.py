@@ -69,6 +69,7 @@ QUICK = DemoSettings(seeds=1, sft_size=48, eval_size=24, steps=6, batch_size=4)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lavender.toy.vlm import ARCHS
+    from lavender.training.config import QUERY_ROWS, TEXT_SIDES
 
     defaults = DemoSettings()
     parser.add_argument("--quick", action="store_true", help="1 seed, few records and steps (a smoke run)")
@@ -87,10 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"records per evaluated split (default {defaults.eval_size})")
     parser.add_argument("--learning-rate", type=float, default=None,
                         help=f"fine-tuning learning rate (default {defaults.learning_rate})")
-    parser.add_argument("--text", choices=("answer", "question", "both"), default=None,
+    parser.add_argument("--text", choices=TEXT_SIDES, default=None,
                         help=f"the words aligned (default {defaults.text})")
     parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
-    parser.add_argument("--att-rows", choices=("word", "predicting"), default=None,
+    parser.add_argument("--att-rows", choices=QUERY_ROWS, default=None,
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the val split instead of the test splits (to choose settings)")
@@ -106,12 +107,14 @@ def run(args: argparse.Namespace) -> int:
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
-        args.output.mkdir(parents=True, exist_ok=True)
-        _claim_output(args.output, settings, models)
-    except (FileNotFoundError, ValueError) as error:
+    except FileNotFoundError as error:
         print(f"lavender demo: {error}")
         return 2
-    results = run_demo(settings, models, args.output, world=args.world)
+    try:
+        results = run_demo(settings, models, args.output, world=args.world)
+    except OutputInUse as error:
+        print(f"lavender demo: {error}")
+        return 2
     print(format_results(results))
     print(f"\nwrote {args.output}/results.md, results.json and figures/")
     return 0
@@ -172,6 +175,10 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     return results
 
 
+class OutputInUse(ValueError):
+    """The output folder holds a demo run with other settings."""
+
+
 def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path]) -> None:
     """Record what runs in ``output``; refuse a folder that holds another run's finished steps.
 
@@ -185,7 +192,7 @@ def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path])
         changed = sorted(key for part in ("settings", "models") for key in run[part]
                          if previous.get(part, {}).get(key) != run[part][key])
         if changed:
-            raise ValueError(f"{output} holds a demo run with other {', '.join(changed)}; "
+            raise OutputInUse(f"{output} holds a demo run with other {', '.join(changed)}; "
                              "choose another --output (or remove the folder) to run these settings")
     path.write_text(json.dumps(run, indent=2) + "\n")
 
@@ -407,12 +414,12 @@ def _figures(models, data, stores, output: Path, settings: DemoSettings, results
     for arch in settings.archs:
         paths += [str(p) for p in word_map_figures(
             models[arch], output / "train" / arch / "lavender" / "seed0", data[settings.shown_split], stores[settings.shown_split],
-            output / "figures", arch, settings.rows)]
+            output / "figures", arch, query_rows=settings.rows)]
     return paths
 
 
 def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, folder: Path, arch: str,
-                     rows: str = "word", examples: int = 3) -> list[Path]:
+                     query_rows: str = "word", examples: int = 3) -> list[Path]:
     """Per example: the masks, the teacher's maps, the VLM's before and after fine-tuning."""
     from lavender.evaluation.attention import load_masks, record_word_maps
     from lavender.evaluation.generation import load_model
@@ -433,7 +440,7 @@ def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, fo
                 "teacher": teacher}
         for title, (model, processor) in loaded.items():
             maps[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=side,
-                                           query_rows=rows)
+                                           query_rows=query_rows)
         paths.append(plot_word_maps(load_image(record.image), maps, folder / f"maps_{arch}_{record.id}.png"))
     return paths
 
@@ -481,7 +488,7 @@ def format_results(results: dict) -> str:
     shown = splits[-1]
     lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
              f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
-             f"aligner {settings['aligner']}, rows {settings.get('rows', 'word')}, "
+             f"aligner {settings['aligner']}, rows {settings['rows']}, "
              f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split)",
              "", "Accuracy % (mean ± 95 % interval over seeds):", "",
              "| VLM | arm | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]

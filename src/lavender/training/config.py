@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 TEXT_SIDES = ("answer", "question", "both")
+QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).
@@ -208,7 +209,6 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
 def _check_lavender(args: LavenderArguments) -> None:
     """Problems visible from the keys alone; the model- and store-dependent checks run in setup."""
     from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
-    from lavender.training.data import QUERY_ROWS
 
     for name in ("model_name_or_path", "train_file", "targets_dir"):
         if not getattr(args, name):

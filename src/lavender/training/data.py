@@ -27,12 +27,12 @@ from PIL import Image
 
 from lavender.images import ImageError, load_image
 from lavender.records import Record
+from lavender.training.config import QUERY_ROWS
 from lavender.words import Word, split_words, tokens_of_words
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
 BATCH_KEYS = ("lavender_query_positions", "lavender_word_rows", "lavender_targets", "lavender_word_mask")
 COUNTS_KEY = "lavender_counts"  # (3,): matched words, missing words, skipped records
 COUNT_NAMES = ("words_matched", "words_missing", "records_skipped")
