@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from lavender.student import AttentionCapture, get_adapter
+from lavender.student.geometry import View
 from lavender.tiny.vlm import build_tiny_vlm
 from student_helpers import make_batch
 
@@ -151,7 +152,7 @@ def test_mllama_placement_matches_a_plain_loop_for_every_layout(mllama):
 
 def test_mllama_crop_keeps_the_image_and_drops_the_padding(mllama):
     model, processor = mllama
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, processor)
     # a 100×60 (w×h) image fills a 1×2 canvas (56×112) at 56×93: 4 patch rows, 7 patch columns
     ratios = [list(r) for r in model.config.vision_config.supported_aspect_ratios]
     inputs = {"aspect_ratio_ids": torch.tensor([[ratios.index([1, 2]) + 1]])}
@@ -160,6 +161,11 @@ def test_mllama_crop_keeps_the_image_and_drops_the_padding(mllama):
     (cropped,) = adapter.grids(probs, inputs, [(60, 100)])
     assert full.shape[-2:] == (4, 8) and cropped.shape[-2:] == (4, 7)
     torch.testing.assert_close(cropped, full[..., :, :7])
+    # the 7th patch column runs 5 px past the image's 93 px: the grid ends at 98/93 of its width
+    (layout,) = adapter.layouts(inputs, [(60, 100)])
+    assert layout.view == View(0.0, 1.0, 0.0, 98 / 93)
+    with pytest.raises(ValueError, match="processor"):
+        get_adapter(model).grids(probs, inputs, [(60, 100)])
 
 
 def test_self_attention_placement_follows_the_image_tokens_wherever_they_are():

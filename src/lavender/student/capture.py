@@ -71,20 +71,22 @@ class AttentionCapture:
 
     Example::
 
-        capture = AttentionCapture(model)               # default layers of the architecture
+        capture = AttentionCapture(model, processor=processor)  # default layers of the architecture
         with capture.record(query_positions):           # (B, Q) sequence positions, -1 = padding
             outputs = model(**inputs)                   # the model's output still comes from SDPA
-        maps = capture.maps(inputs, size=32)            # (B, L, H, Q, 32, 32) float32, with grad
+        maps = capture.maps(inputs, 32, image_sizes)    # (B, L, H, Q, 32, 32) float32, with grad
         valid = capture.query_mask                      # (B, Q): rows that can see the image
+        seen = capture.visibility(inputs, 32, image_sizes)  # (B, 32, 32): cells the model sees
 
     ``layers`` are decoder-layer indices of the language model (``module.layer_idx``); the
-    default comes from the architecture's adapter. ``close()`` restores the original attention
-    implementation.
+    default comes from the architecture's adapter. ``processor`` (the model's processor) tells
+    where the model's patch grid lies on the original image; maps over the whole image
+    (``image_sizes``) need it. ``close()`` restores the original attention implementation.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None, processor=None):
         self.model = model
-        self.adapter = get_adapter(model)
+        self.adapter = get_adapter(model, processor)
         self._base = _pretrained_model(model)
         candidates = {module.layer_idx: module for module in self.adapter.attention_modules(self._base)}
         self.layers = list(layers) if layers is not None else self.adapter.default_layers(sorted(candidates))
@@ -116,32 +118,41 @@ class AttentionCapture:
             self._recording = None
 
     def maps(
-        self, inputs: dict, size: int, image_sizes: Sequence[tuple[int, int]] | None = None
+        self, inputs: dict, size: int, image_sizes: Sequence[tuple[int, int]] | None = None, image: int = 0
     ) -> torch.Tensor:
-        """Captured attention placed on the image grid: (B, L, H, Q, size, size), float32.
+        """Captured attention placed on a size×size canvas: (B, L, H, Q, size, size), float32.
 
-        ``inputs`` are the model inputs of the recorded forward. ``image_sizes`` (per sample the
-        original (height, width)) lets architectures whose processor pads the image (Mllama)
-        crop the padding; without it the whole canvas is kept. Samples without an image get zeros.
+        ``inputs`` are the model inputs of the recorded forward. With ``image_sizes`` (per sample
+        the original (height, width) of the image) the canvas is the whole original image, as the
+        teacher's maps are: whatever the processor cropped is zero there (see ``visibility``) and
+        whatever it padded is left out. Without, the canvas is the model's own patch grid.
+        ``image`` picks which image of each sample (0: the first); samples without it get zeros.
         """
-        probs = self._recorded_probs(inputs)
-        return self.adapter.place(probs, inputs, size, image_sizes)
+        probs = self._recorded_probs(inputs, image)
+        return self.adapter.place(probs, inputs, size, image_sizes, image)
 
     def grids(
-        self, inputs: dict, image_sizes: Sequence[tuple[int, int]] | None = None
+        self, inputs: dict, image_sizes: Sequence[tuple[int, int]] | None = None, image: int = 0
     ) -> list[torch.Tensor | None]:
         """Like ``maps`` at the image's own patch grid: per sample (L, H, Q, rows, cols), or None."""
-        return self.adapter.grids(self._recorded_probs(inputs), inputs, image_sizes)
+        return self.adapter.grids(self._recorded_probs(inputs, image), inputs, image_sizes, image)
+
+    def visibility(
+        self, inputs: dict, size: int, image_sizes: Sequence[tuple[int, int]] | None = None, image: int = 0
+    ) -> torch.Tensor:
+        """(B, size, size) bool: the cells of ``maps``' canvas that the model sees; False where the
+        processor cut the image (LLaVA's centre crop) and for samples without the image."""
+        return self.adapter.visibility(inputs, size, image_sizes, image)
 
     @property
     def query_mask(self) -> torch.Tensor:
         """(B, Q) bool of the last ``maps()``/``grids()``: False for padding rows and rows that
-        cannot see the image (e.g. Mllama text before ``<|image|>``)."""
+        cannot see its image (e.g. Mllama text before ``<|image|>``)."""
         if self._query_mask is None:
             raise RuntimeError("query_mask is known after capture.maps(inputs, size)")
         return self._query_mask
 
-    def _recorded_probs(self, inputs: dict) -> torch.Tensor:
+    def _recorded_probs(self, inputs: dict, image: int = 0) -> torch.Tensor:
         """(B, L, H, Q, S) probabilities of the latest recorded forward; sets ``query_mask``."""
         recording = self._recording or self._last
         if recording is None:
@@ -158,7 +169,7 @@ class AttentionCapture:
                 "captured attention carries no gradient; with gradient checkpointing use "
                 "gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
-        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions)
+        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return probs
 
     def close(self) -> None:

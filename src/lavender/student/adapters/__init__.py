@@ -9,8 +9,9 @@ from lavender.student.adapters import llava, mllama, qwen2_vl  # noqa: F401  (th
 from lavender.student.adapters.base import ADAPTERS, Adapter, register_adapter
 
 
-def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter for ``model`` (a transformers VLM, possibly PEFT-wrapped)."""
+def get_adapter(model: nn.Module, processor=None) -> Adapter:
+    """The adapter for ``model`` (a transformers VLM, possibly PEFT-wrapped). ``processor`` (the
+    model's processor or image processor) gives the image geometry for full-image placement."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
@@ -18,7 +19,7 @@ def get_adapter(model: nn.Module) -> Adapter:
             f"no Lavender adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is a small file in lavender/student/adapters/."
         )
-    return ADAPTERS[model_type](config)
+    return ADAPTERS[model_type](config, getattr(processor, "image_processor", processor))
 
 
 __all__ = ["ADAPTERS", "Adapter", "get_adapter", "register_adapter"]

@@ -1,21 +1,26 @@
 """What every architecture adapter provides, the registry they join, and shared helpers.
 
-An adapter answers three questions about one VLM family:
+An adapter answers four questions about one VLM family:
   which attention modules carry text→image attention (and which of them to capture by default),
-  where a sample's image lies among the keys and how those keys tile its 2-D grid,
+  where each image of a sample lies among the keys and how those keys tile its 2-D patch grid,
+  where that grid lies on the original image, from the processor's settings (its ``View``),
   which query rows can see the image at all.
-Everything else (recording, masks, softmax, resampling) is shared.
+Everything else (recording, masks, softmax, placing on the teacher's canvas) is shared.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lavender.student.geometry import FULL_VIEW, View, place_grid, visible_cells
+
 ADAPTERS: dict[str, type[Adapter]] = {}
+
+ImageSizes = Sequence[tuple[int, int]]  # per sample, the (height, width) of the image being placed
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -25,14 +30,24 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
+@dataclass
+class Layout:
+    """One image of one sample: ``keys (rows, cols)``, the key index of each grid cell, and the
+    grid's ``view`` on the original image."""
+
+    keys: torch.Tensor
+    view: View
+
+
 class Adapter:
     model_types: tuple[str, ...] = ()
     attention_kind = "self-attention layer"
     text_config_key = "text_config"  # the sub-config whose attention goes through the capture
     image_inputs_hint = "pixel_values"
 
-    def __init__(self, config):
+    def __init__(self, config, image_processor=None):
         self.config = config  # the model's top-level config
+        self.image_processor = image_processor  # where the geometry comes from; None: no full-image placement
 
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module that can be captured, each with a ``layer_idx``."""
@@ -47,37 +62,67 @@ class Adapter:
         n = len(layers)
         return layers[n // 4 : max(n // 4 + 1, (3 * n + 3) // 4)]
 
-    def query_mask(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
-        """(B, Q) bool: rows that exist and can see the image."""
+    def query_mask(self, inputs: dict, positions: torch.Tensor, image: int = 0) -> torch.Tensor:
+        """(B, Q) bool: rows that exist and can see the sample's image number ``image``."""
+        raise NotImplementedError
+
+    def layouts(self, inputs: dict, image_sizes: ImageSizes | None, image: int = 0) -> list[Layout | None]:
+        """Per sample, the :class:`Layout` of its image number ``image`` (None: it has no such
+        image). With ``image_sizes`` the grid holds the image's content only and its view is
+        where it lies on the original image; without, it is the model's whole grid on ``FULL_VIEW``."""
         raise NotImplementedError
 
     def grids(
-        self, probs: torch.Tensor, inputs: dict, image_sizes: Sequence[tuple[int, int]] | None
+        self, probs: torch.Tensor, inputs: dict, image_sizes: ImageSizes | None, image: int = 0
     ) -> list[torch.Tensor | None]:
-        """Per sample, its (L, H, Q, S) probabilities placed as (L, H, Q, rows, cols) on the image
-        grid (content area only), or None for a sample without an image."""
-        raise NotImplementedError
+        """Per sample, its (…, S) probabilities on the image's patch grid (…, rows, cols), or None."""
+        return [
+            None if layout is None else sample[..., layout.keys]
+            for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image))
+        ]
 
     def place(
-        self, probs: torch.Tensor, inputs: dict, size: int, image_sizes: Sequence[tuple[int, int]] | None = None
+        self,
+        probs: torch.Tensor,
+        inputs: dict,
+        size: int,
+        image_sizes: ImageSizes | None = None,
+        image: int = 0,
     ) -> torch.Tensor:
-        """(B, L, H, Q, S) probabilities → (B, L, H, Q, size, size) maps."""
+        """(B, …, S) probabilities → (B, …, size, size) maps over the whole original image
+        (given ``image_sizes``; else over the model's own grid). Cells the model cannot see are 0."""
+        placed = []
+        for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image)):
+            if layout is None:
+                placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
+            else:
+                placed.append(place_grid(sample[..., layout.keys], layout.view, size))
+        return torch.stack(placed)
+
+    def visibility(
+        self, inputs: dict, size: int, image_sizes: ImageSizes | None = None, image: int = 0
+    ) -> torch.Tensor:
+        """(B, size, size) bool: the cells of the canvas that the model sees (none for a sample
+        without the image)."""
         return torch.stack(
             [
-                resample(grid, size) if grid is not None else probs.new_zeros(*probs.shape[1:4], size, size)
-                for grid in self.grids(probs, inputs, image_sizes)
+                torch.zeros(size, size, dtype=torch.bool) if layout is None else visible_cells(layout.view, size)
+                for layout in self.layouts(inputs, image_sizes, image)
             ]
         )
 
+    def _image_processor(self):
+        if self.image_processor is None:
+            raise ValueError(
+                "placing maps on the whole image needs the processor's geometry: "
+                "AttentionCapture(model, processor=processor)"
+            )
+        return self.image_processor
 
-def resample(grid: torch.Tensor, size: int) -> torch.Tensor:
-    """(..., rows, cols) → (..., size, size); antialiased bilinear, so shrinking averages patches."""
-    *lead, rows, cols = grid.shape
-    if (rows, cols) == (size, size):
-        return grid
-    flat = grid.reshape(-1, 1, rows, cols)
-    out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.reshape(*lead, size, size)
+
+def grid_indices(start: int, rows: int, cols: int) -> torch.Tensor:
+    """Key indices of a row-major (rows, cols) grid whose first key is ``start``."""
+    return start + torch.arange(rows * cols).view(rows, cols)
 
 
 def image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
@@ -85,15 +130,26 @@ def image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Te
     return [row.eq(image_token_id).nonzero().squeeze(-1) for row in input_ids]
 
 
-def rows_after_image(inputs: dict, positions: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """Causal models: a row sees the whole image iff it comes after the image's last token."""
+def rows_after_layouts(inputs: dict, positions: torch.Tensor, layouts: list[Layout | None]) -> torch.Tensor:
+    """Causal models: a row sees an image iff it comes after the image's last key."""
     input_ids = inputs["input_ids"]
-    is_image = input_ids.eq(image_token_id)
-    index = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last_image = torch.where(is_image, index, -1).amax(dim=1)  # -1: no image
+    last_image = torch.tensor(
+        [-1 if layout is None else int(layout.keys.max()) for layout in layouts], device=input_ids.device
+    )
     positions = positions.to(input_ids.device)
     rows = positions.clamp(min=0)
     visible = (positions >= 0) & (last_image[:, None] >= 0) & (rows > last_image[:, None])
     if inputs.get("attention_mask") is not None:
         visible &= inputs["attention_mask"].gather(1, rows).bool()
     return visible
+
+
+def image_runs(columns: torch.Tensor) -> list[torch.Tensor]:
+    """Split ascending image-token positions into the runs of consecutive positions (one per image)."""
+    if len(columns) == 0:
+        return []
+    breaks = (columns.diff() > 1).nonzero().squeeze(-1) + 1
+    return list(torch.tensor_split(columns, breaks.tolist()))
+
+
+__all__ = ["ADAPTERS", "FULL_VIEW", "Adapter", "ImageSizes", "Layout", "View"]

@@ -3,7 +3,9 @@
 Keys of a cross-attention layer are n_images × max_tiles × P vision tokens, P = CLS + (s/p)²
 patches of an s-pixel tile (1601 at 560 px, patch 14). An image is cut into the rows × cols
 tiles of its aspect-ratio id, row-major, and resized to fit that canvas with padding at the
-bottom and right. Text rows before ``<|image|>`` have an all-zero ``cross_attention_mask``
+bottom and right; the grid is cropped to the patches the image covers. Several images per
+sample are consecutive blocks of ``max_tiles × P`` keys, with one ``aspect_ratio_ids`` column
+each. Text rows before ``<|image|>`` have an all-zero ``cross_attention_mask``
 row; transformers then lets them attend everywhere and zeroes their output, so those rows are
 not maps of anything and ``query_mask`` drops them.
 """
@@ -12,7 +14,10 @@ from __future__ import annotations
 
 import math
 
-from lavender.student.adapters.base import Adapter, register_adapter
+import torch
+
+from lavender.student.adapters.base import Adapter, Layout, grid_indices, register_adapter
+from lavender.student.geometry import FULL_VIEW, View
 
 
 @register_adapter
@@ -29,48 +34,51 @@ class MllamaAdapter(Adapter):
     def default_layers(self, layers):
         return layers  # every cross-attention layer, as in the paper
 
-    def query_mask(self, inputs, positions):
+    def query_mask(self, inputs, positions, image=0):
         cross = inputs["cross_attention_mask"]  # (B, T, n_images, tiles)
         positions = positions.to(cross.device)
         rows = positions.clamp(min=0)
-        sees_image = cross[:, :, 0].bool().any(-1).gather(1, rows)
+        if image >= cross.shape[2]:
+            return torch.zeros_like(positions, dtype=torch.bool)
+        sees_image = cross[:, :, image].bool().any(-1).gather(1, rows)
         visible = (positions >= 0) & sees_image
         if inputs.get("attention_mask") is not None:
             visible &= inputs["attention_mask"].gather(1, rows).bool()
         return visible
 
-    def grids(self, probs, inputs, image_sizes):
+    def layouts(self, inputs, image_sizes, image=0):
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         per_tile = side * side + 1  # CLS first, then the patches row-major
         tiles = vision.max_num_tiles
-        aspect_ratio_ids = inputs["aspect_ratio_ids"]
-        if aspect_ratio_ids.shape[1] > 1 and bool((aspect_ratio_ids[:, 1:] > 0).any()):
-            raise ValueError("Mllama capture supports one image per sample")
-        grids = []
-        for b, sample in enumerate(probs):
-            ratio_id = int(aspect_ratio_ids[b, 0])
-            if ratio_id == 0:  # id 0 pads a batch: no image
-                grids.append(None)
+        aspect_ratio_ids = inputs["aspect_ratio_ids"]  # (B, n_images); id 0: no image
+        layouts = []
+        for b in range(aspect_ratio_ids.shape[0]):
+            ratio_id = int(aspect_ratio_ids[b, image]) if image < aspect_ratio_ids.shape[1] else 0
+            if ratio_id == 0:
+                layouts.append(None)
                 continue
             rows, cols = vision.supported_aspect_ratios[ratio_id - 1]
-            keys = sample[..., : tiles * per_tile].unflatten(-1, (tiles, per_tile))[..., 1:]
-            keys = keys[..., : rows * cols, :].unflatten(-2, (rows, cols)).unflatten(-1, (side, side))
-            # (..., rows, cols, side, side) → (..., rows·side, cols·side)
-            grid = keys.transpose(-3, -2).flatten(-4, -3).flatten(-2, -1)
+            # cell (r·side + i, c·side + j) ← tile r·cols + c, patch i·side + j
+            tile = grid_indices(0, rows, cols).repeat_interleave(side, 0).repeat_interleave(side, 1)
+            patch = grid_indices(0, side, side).repeat(rows, cols)
+            keys = image * tiles * per_tile + tile * per_tile + 1 + patch
+            view = FULL_VIEW
             if image_sizes is not None:
-                height, width = _content_patches(image_sizes[b], rows, cols, vision)
-                grid = grid[..., :height, :width]
-            grids.append(grid)
-        return grids
+                keys, view = self._content(keys, image_sizes[b], rows, cols)
+            layouts.append(Layout(keys, view))
+        return layouts
 
+    def _content(self, keys, image_size, rows: int, cols: int):
+        """The patches covered by the image (not by the bottom/right padding of the tile canvas)
+        and where they lie on it: the image is resized to fit the canvas keeping its aspect ratio,
+        so the last patch row/column may run past the image's edge."""
+        from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
 
-def _content_patches(image_size, rows: int, cols: int, vision) -> tuple[int, int]:
-    """Patches (down, across) covered by the image, not by the processor's bottom/right padding."""
-    from transformers.models.mllama.image_processing_pil_mllama import get_image_size_fit_to_canvas
-
-    tile = vision.image_size
-    height, width = get_image_size_fit_to_canvas(
-        int(image_size[0]), int(image_size[1]), rows * tile, cols * tile, tile
-    )
-    return math.ceil(height / vision.patch_size), math.ceil(width / vision.patch_size)
+        processor = self._image_processor()
+        tile, patch = processor.size.height, self.config.vision_config.patch_size
+        height, width = get_image_size_fit_to_canvas(
+            int(image_size[0]), int(image_size[1]), rows * tile, cols * tile, tile
+        )
+        down, across = math.ceil(height / patch), math.ceil(width / patch)
+        return keys[:down, :across], View(0.0, down * patch / height, 0.0, across * patch / width)

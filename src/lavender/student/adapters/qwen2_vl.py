@@ -1,13 +1,26 @@
 """Qwen2-VL (``Qwen2VLForConditionalGeneration``): ``<|image_pad|>`` tokens, one per 2×2 patch block.
 
 An image of ``image_grid_thw`` (t, h, w) patches becomes t·(h/m)·(w/m) tokens with the spatial
-merge m (2), row-major over the merged (h/m, w/m) grid. Rows of ``image_grid_thw`` follow the
-images in batch order.
+merge m (2), row-major over the merged (h/m, w/m) grid, between ``<|vision_start|>`` and
+``<|vision_end|>``. Rows of ``image_grid_thw`` follow the images in batch order, a sample's
+images in text order.
+
+Geometry: the processor resizes the whole image to multiples of 28 px (``smart_resize``),
+stretching it slightly and cutting nothing, so the grid's view is the whole image whatever the
+processor's pixel limits (``image_sizes`` are not needed).
 """
 
 from __future__ import annotations
 
-from lavender.student.adapters.base import Adapter, image_columns, register_adapter, rows_after_image
+from lavender.student.adapters.base import (
+    Adapter,
+    Layout,
+    image_columns,
+    image_runs,
+    register_adapter,
+    rows_after_layouts,
+)
+from lavender.student.geometry import FULL_VIEW
 
 
 @register_adapter
@@ -15,23 +28,31 @@ class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl",)
     image_inputs_hint = "pixel_values and image_grid_thw"
 
-    def query_mask(self, inputs, positions):
-        return rows_after_image(inputs, positions, self.config.image_token_id)
+    def query_mask(self, inputs, positions, image=0):
+        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
-    def grids(self, probs, inputs, image_sizes):
+    def layouts(self, inputs, image_sizes, image=0):
         merge = self.config.vision_config.spatial_merge_size
-        image_grids = iter(inputs["image_grid_thw"].tolist()) if "image_grid_thw" in inputs else iter(())
-        grids = []
-        for sample, columns in zip(probs, image_columns(inputs["input_ids"], self.config.image_token_id)):
-            if len(columns) == 0:
-                grids.append(None)
-                continue
-            t, h, w = next(image_grids, (0, 0, 0))
-            rows, cols = h // merge, w // merge
-            if t != 1 or len(columns) != rows * cols:
+        image_grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else []
+        layouts, first = [], 0  # first: this sample's first row of image_grid_thw
+        for columns in image_columns(inputs["input_ids"], self.config.image_token_id):
+            runs = image_runs(columns)
+            if first + len(runs) > len(image_grids):
                 raise ValueError(
-                    f"a sample has {len(columns)} image tokens but its image_grid_thw is {(t, h, w)} "
-                    f"({rows}×{cols} after the {merge}×{merge} merge); one still image per sample is supported"
+                    f"the batch has more images in its text than rows in image_grid_thw ({len(image_grids)})"
                 )
-            grids.append(sample[..., columns].unflatten(-1, (rows, cols)))
-        return grids
+            if image >= len(runs):
+                layouts.append(None)
+                first += len(runs)
+                continue
+            t, h, w = image_grids[first + image]
+            rows, cols = h // merge, w // merge
+            run = runs[image]
+            if t != 1 or len(run) != rows * cols:
+                raise ValueError(
+                    f"an image has {len(run)} image tokens but its image_grid_thw is {(t, h, w)} "
+                    f"({rows}×{cols} after the {merge}×{merge} merge); still images are supported"
+                )
+            layouts.append(Layout(run.view(rows, cols), FULL_VIEW))
+            first += len(runs)
+        return layouts

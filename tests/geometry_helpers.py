@@ -1,0 +1,126 @@
+"""A bright region followed through a tiny VLM of the real class, with its vision mixing switched off.
+
+The model is made to look at bright pixels, using its own modules wherever the geometry is decided:
+
+* the real processor turns the image into ``pixel_values`` (resize, crop, pad, tiles);
+* the real patch embedding, its weights set to average each patch's pixels into channel 0, gives
+  each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
+* no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
+  the vision tower lays its patches out (Qwen2-VL: the mean of each 2×2 merge block), and nothing
+  else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
+  cross-attention layers (Mllama);
+* queries are all ones and each key is ``SHARPNESS`` × its token's brightness (RoPE off), so every
+  text row attends to the brightest patch.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+SHARPNESS = 40.0
+
+
+def image_with_region(width: int, height: int, top: int, left: int, side: int) -> Image.Image:
+    """Black, with a white ``side``×``side`` square at (``top``, ``left``)."""
+    pixels = torch.zeros(height, width, 3, dtype=torch.uint8)
+    pixels[top : top + side, left : left + side] = 255
+    return Image.fromarray(pixels.numpy())
+
+
+def teacher_cell(top: int, left: int, side: int, height: int, width: int, size: int) -> tuple[int, int]:
+    """The teacher's convention: the cell of a size×size grid over the whole image under the region's centre."""
+    return int((top + side / 2) / height * size), int((left + side / 2) / width * size)
+
+
+def _average_patches(conv: torch.nn.Module) -> None:
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0] = 1.0 / conv.weight[0].numel()
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+def look_at_bright_patches(model, kind: str) -> list:
+    """Hooks (and patch-embedding weights) that make text rows attend to the brightest patch."""
+    inner = model.model
+    language_model = inner.language_model
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def remember(name):
+        def hook(module, args, output):
+            seen[name] = output
+
+        return hook
+
+    def brightness_features(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        features = torch.zeros_like(like)
+        features[..., 0] = values
+        return features
+
+    if kind == "llava":
+        _average_patches(inner.vision_tower.embeddings.patch_embedding)
+        hooks.append(inner.vision_tower.embeddings.patch_embedding.register_forward_hook(remember("patches")))
+
+        def projector(module, args, output):  # (images, side², hidden), CLS already dropped
+            return brightness_features(seen["patches"][:, 0].flatten(1), output)
+
+        hooks.append(inner.multi_modal_projector.register_forward_hook(projector))
+    elif kind == "qwen2_vl":
+        _average_patches(inner.visual.patch_embed.proj)
+        hooks.append(inner.visual.patch_embed.register_forward_hook(remember("patches")))
+
+        def merger(module, args, output):  # (tokens, hidden): one per 4 consecutive patches
+            return brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output)
+
+        hooks.append(inner.visual.merger.register_forward_hook(merger))
+    elif kind == "mllama":
+        _average_patches(inner.vision_model.patch_embedding)
+        hooks.append(inner.vision_model.patch_embedding.register_forward_hook(remember("patches")))
+
+        def projector(module, args, output):  # (B, images, tiles, 1 + side², hidden): CLS first
+            patches = seen["patches"][:, 0].flatten(1).view(*output.shape[:3], -1)
+            return brightness_features(torch.nn.functional.pad(patches, (1, 0)), output)
+
+        hooks.append(inner.multi_modal_projector.register_forward_hook(projector))
+
+    if kind == "mllama":
+        for module in language_model.modules():
+            if type(module).__name__ == "MllamaTextCrossAttention":
+                heads, dim = module.num_key_value_heads, module.head_dim
+
+                def keys(module, args, output, heads=heads, dim=dim):
+                    states = args[0]  # (B, S, hidden): the projector's output
+                    planted = torch.zeros(*states.shape[:2], heads, dim, dtype=output.dtype)
+                    planted[..., 0] = SHARPNESS * states[..., :1]
+                    return planted.flatten(2)
+
+                hooks += [
+                    module.q_norm.register_forward_hook(lambda m, a, o: torch.ones_like(o)),
+                    module.k_proj.register_forward_hook(keys),
+                    module.k_norm.register_forward_hook(lambda m, a, o: a[0]),  # keep the brightness scale
+                ]
+    else:
+
+        def embeddings(module, args, kwargs):
+            seen["embeddings"] = kwargs["inputs_embeds"]
+
+        hooks.append(language_model.register_forward_pre_hook(embeddings, with_kwargs=True))
+        hooks.append(language_model.rotary_emb.register_forward_hook(
+            lambda module, args, output: (torch.ones_like(output[0]), torch.zeros_like(output[1]))))
+        for layer in language_model.layers:
+            attention = layer.self_attn
+            heads = attention.config.num_key_value_heads
+            dim = attention.head_dim
+
+            def keys(module, args, output, heads=heads, dim=dim):
+                planted = torch.zeros(*output.shape[:2], heads, dim, dtype=output.dtype)
+                planted[..., 0] = SHARPNESS * seen["embeddings"][..., :1]
+                return planted.flatten(2)
+
+            hooks += [
+                attention.q_proj.register_forward_hook(lambda m, a, o: torch.ones_like(o)),
+                attention.k_proj.register_forward_hook(keys),
+            ]
+    return hooks

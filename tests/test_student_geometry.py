@@ -1,0 +1,185 @@
+"""One geometry for teacher and student: a planted bright region, followed through tiny models of the
+real classes with their real processors, peaks in the student's placed map at the cell where the
+teacher's convention (R×R over the whole image) puts the region; what the student cannot see is
+marked invisible. See ``geometry_helpers`` for how the model is made to look at bright pixels."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import astuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geometry_helpers import image_with_region, look_at_bright_patches, teacher_cell
+from lavender.student import AttentionCapture, get_adapter
+from lavender.student.geometry import FULL_VIEW, View, place_grid, visible_cells
+from lavender.tiny.vlm import build_tiny_vlm
+from student_helpers import make_batch
+
+R = 32
+# (name, width, height, region top, left, side): each region covers one patch of the model's input
+# (LLaVA: 14 px of the 84 px crop; Mllama: 14 px of a 56 px tile, the 2:1 images shrink by 2;
+# Qwen2-VL: one 28 px merge block), so the peak is one patch, not a plateau
+CASES = {
+    "llava": [("square", 84, 84, 28, 56, 14), ("wide", 168, 84, 28, 98, 14), ("tall", 84, 168, 56, 28, 14)],
+    "mllama": [
+        ("square", 112, 112, 70, 28, 14),
+        ("wide", 224, 112, 56, 140, 28),
+        ("tall", 112, 224, 140, 56, 28),
+        ("wide_padded", 150, 56, 28, 126, 14),  # a 1×3 canvas with 18 px of padding on the right
+    ],
+    "qwen2_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def looking(request):
+    """A tiny model of ``kind`` that looks at bright patches, its processor, and a capture."""
+    kind = request.param
+    model, processor = build_tiny_vlm(kind)
+    hooks = look_at_bright_patches(model, kind)
+    capture = AttentionCapture(model, processor=processor)
+    yield kind, model, processor, capture
+    capture.close()
+    for hook in hooks:
+        hook.remove()
+
+
+def student_map(model, processor, capture, kind, images, sizes, image=0):
+    """The last text row's placed map (mean over layers and heads) and the visibility mask."""
+    inputs = make_batch(kind, processor, images) if image == 0 and len(images) == 1 else images
+    last = inputs["input_ids"].shape[1] - 1
+    with torch.no_grad(), capture.record(torch.tensor([[last]])):
+        model(**inputs)
+    maps = capture.maps(inputs, R, image_sizes=sizes, image=image)[0].mean((0, 1, 2))
+    return maps, capture.visibility(inputs, R, image_sizes=sizes, image=image)[0]
+
+
+def peak(maps: torch.Tensor) -> tuple[int, int]:
+    return divmod(int(maps.argmax()), maps.shape[-1])
+
+
+def test_planted_region_peaks_at_the_teachers_cell(looking):
+    kind, model, processor, capture = looking
+    for name, width, height, top, left, side in CASES[kind]:
+        image = image_with_region(width, height, top, left, side)
+        maps, visible = student_map(model, processor, capture, kind, [image], [(height, width)])
+        cell = teacher_cell(top, left, side, height, width, R)
+        found = peak(maps)
+        assert visible[cell], f"{kind} {name}: the region's cell {cell} is marked invisible"
+        assert abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (
+            f"{kind} {name} ({width}×{height}): the student peaks at {found}, the teacher's cell is {cell}"
+        )
+
+
+@pytest.mark.parametrize("width, height, top, left", [(168, 84, 35, 7), (84, 168, 140, 35)])
+def test_llava_region_in_the_crop_margin_is_invisible(width, height, top, left):
+    model, processor = build_tiny_vlm("llava")
+    hooks = look_at_bright_patches(model, "llava")
+    capture = AttentionCapture(model, processor=processor)
+    image = image_with_region(width, height, top, left, 14)
+    maps, visible = student_map(model, processor, capture, "llava", [image], [(height, width)])
+    for hook in hooks:
+        hook.remove()
+    cell = teacher_cell(top, left, 14, height, width, R)
+    assert not visible[cell] and maps[cell] == 0
+    # the 84 px centre crop of a 2:1 image is its middle half: 16 of 32 cells along the long side
+    seen = torch.arange(8, 24)
+    expected = torch.zeros(R, R, dtype=torch.bool)
+    if width > height:
+        expected[:, seen] = True
+    else:
+        expected[seen, :] = True
+    assert torch.equal(visible, expected)
+    assert torch.all(maps[~visible] == 0)
+
+
+def test_mllama_two_images_per_sample_rows_equal_eager_and_each_map_lands_on_its_image():
+    model, processor = build_tiny_vlm("mllama")
+    first = image_with_region(112, 112, 70, 28, 14)  # a 2×2 canvas
+    second = image_with_region(224, 112, 56, 140, 28)  # a 1×2 canvas, halved
+    text = processor.apply_chat_template([
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this?"}]},
+        {"role": "assistant", "content": "a red cube"},
+    ])
+    inputs = dict(processor(images=[[first, second]], text=[text], return_tensors="pt"))
+    assert inputs["aspect_ratio_ids"].shape == (1, 2)
+    last = inputs["input_ids"].shape[1] - 1
+    rows = torch.tensor([[last, last - 2]])
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+    capture = AttentionCapture(model, processor=processor)
+    with torch.no_grad(), capture.record(rows):
+        model(**inputs)
+    for layer in capture.layers:
+        torch.testing.assert_close(capture._last.probs[layer][0], reference.attentions[layer][0][:, rows[0]],
+                                   rtol=0, atol=1e-5)
+    capture.close()
+
+    hooks = look_at_bright_patches(model, "mllama")
+    capture = AttentionCapture(model, processor=processor)
+    for image, (picture, (top, left, side)) in enumerate([(first, (70, 28, 14)), (second, (56, 140, 28))]):
+        size = (picture.height, picture.width)
+        maps, visible = student_map(model, processor, capture, "mllama", inputs, [size], image=image)
+        assert capture.query_mask.all() and visible.all()
+        cell = teacher_cell(top, left, side, *size, R)
+        found = peak(maps)
+        assert abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+    # a third image does not exist: zeros, nothing visible, no row sees it
+    maps, visible = student_map(model, processor, capture, "mllama", inputs, [(1, 1)], image=2)
+    assert not visible.any() and not maps.any() and not capture.query_mask.any()
+    for hook in hooks:
+        hook.remove()
+
+
+# ---- the placement itself ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(6, 6), (24, 24), (80, 80), (5, 10), (40, 7), (32, 32)])
+def test_full_view_placement_is_antialiased_bilinear(rows, cols):
+    grid = torch.rand(2, 3, rows, cols, dtype=torch.float64)
+    expected = F.interpolate(grid, size=(R, R), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(place_grid(grid.float(), FULL_VIEW, R).double(), expected, rtol=0, atol=1e-6)
+
+
+def test_a_cropped_view_places_the_grid_on_its_part_of_the_canvas():
+    # a grid over the middle half of the width: on a 32-cell canvas, columns 8..23, which is a
+    # 32×16 resampling of the grid there, and zeros elsewhere
+    grid = torch.rand(1, 6, 6)
+    placed = place_grid(grid, View(0.0, 1.0, 0.25, 0.75), R)
+    expected = F.interpolate(grid[None], size=(R, 16), mode="bilinear", align_corners=False, antialias=True)[0]
+    torch.testing.assert_close(placed[..., 8:24], expected, rtol=0, atol=1e-6)
+    assert not placed[..., :8].any() and not placed[..., 24:].any()
+    assert visible_cells(View(0.0, 1.0, 0.25, 0.75), R)[:, 8:24].all()
+    # padding beyond the image (a grid that reaches past it) hides nothing
+    assert visible_cells(View(-0.5, 1.5, 0.0, 98 / 93), R).all()
+
+
+def test_placement_keeps_gradients():
+    grid = torch.rand(2, 6, 6, requires_grad=True)
+    place_grid(grid, View(0.1, 0.9, 0.25, 0.75), R).sum().backward()
+    assert grid.grad is not None and grid.grad.abs().sum() > 0
+
+
+def test_llava_view_follows_the_processor_settings():
+    from transformers import LlavaImageProcessorPil
+
+    model, processor = build_tiny_vlm("llava")
+    adapter = get_adapter(model, processor)
+    assert adapter.view(84, 84) == FULL_VIEW
+    assert adapter.view(84, 168) == View(0.0, 1.0, 0.25, 0.75)  # short side 84, middle 84 of 168 kept
+    assert astuple(adapter.view(300, 100)) == pytest.approx((1 / 3, 2 / 3, 0.0, 1.0))  # 252×84, rows 84..168
+    # LLaVA-1.5's "pad" mode: a centred square, then resized; nothing is cut, the grid reaches past the image
+    padding = LlavaImageProcessorPil(size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84}, do_pad=True)
+    assert get_adapter(model, padding).view(84, 168) == View(-0.5, 1.5, 0.0, 1.0)
+    # a processor that does not give the vision tower's input size is refused, naming the sizes
+    wrong = LlavaImageProcessorPil(size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84}, do_center_crop=False)
+    with pytest.raises(ValueError, match="84×168 px"):
+        get_adapter(model, wrong).view(84, 168)
+    with pytest.raises(ValueError, match="processor"):
+        get_adapter(model).view(84, 168)
