@@ -17,6 +17,8 @@ from lavender.alignment import (
     attention_loss,
     build_aligner,
     normalize_maps,
+    per_word_visibility,
+    restrict_to_visible,
     word_maps,
 )
 
@@ -231,3 +233,33 @@ def test_heads_first_differs_from_heads_and_layers_first_with_a_nonlinear_aligne
     torch.testing.assert_close(AGGREGATIONS["heads_mean"](_maps(), _Square()), torch.tensor([expected_heads_mean]))
     # meanmean squares the mean over everything
     torch.testing.assert_close(AGGREGATIONS["meanmean"](_maps(), _Square()), torch.tensor([[[6.25, 4.0], [2.25, 3.0625]]]))
+
+
+def test_normalisation_and_loss_over_the_visible_cells_only():
+    maps = torch.tensor([[[0.0, 2.0, 4.0], [1.0, 3.0, 9.0]]])  # (1, 2, 3)
+    visible = torch.tensor([[[False, True, True], [False, True, True]]])
+    # min–max over {2, 4, 3, 9}: (x − 2) / 7; hidden cells 0
+    expected = torch.tensor([[[0.0, 0.0, 2 / 7], [0.0, 1 / 7, 1.0]]])
+    torch.testing.assert_close(normalize_maps(maps, "minmax", visible), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(normalize_maps(maps, "sum", visible), maps * visible / 18, atol=1e-5, rtol=0)
+    # all visible: exactly the plain normalisation
+    everything = torch.ones_like(visible)
+    assert torch.equal(normalize_maps(maps, "minmax", everything), normalize_maps(maps, "minmax"))
+
+    # the teacher's map seen through the same mask is normalised again; a fully visible one is untouched
+    teacher = torch.stack([normalize_maps(maps[0]), normalize_maps(maps[0])])
+    seen = torch.stack([visible[0], everything[0]])
+    restricted = restrict_to_visible(teacher, seen, "minmax")
+    torch.testing.assert_close(restricted[0], expected[0], atol=1e-5, rtol=0)
+    assert torch.equal(restricted[1], teacher[1])
+
+    # the MSE averages the visible cells only: (0.5² + 0.5²) / 2
+    predicted, target = torch.zeros(1, 2, 2), torch.tensor([[[9.0, 0.5], [9.0, 0.5]]])
+    columns = torch.tensor([[[False, True], [False, True]]])
+    torch.testing.assert_close(attention_loss(predicted, target, columns), torch.tensor([0.25]))
+
+
+def test_per_word_visibility_follows_the_word_mask():
+    visible = torch.stack([torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)])
+    word_mask = torch.tensor([[True, False, True], [False, True, False]])
+    assert per_word_visibility(visible, word_mask).flatten(1).all(1).tolist() == [True, True, False]

@@ -116,6 +116,44 @@ def test_raw_maps_equal_eager_attention(llava):
         np.testing.assert_allclose(maps[key], expected.numpy(), atol=2e-4)
 
 
+def test_raw_maps_on_a_wide_image_cover_the_crop_and_leave_the_margins_out(llava):
+    """LLaVA's processor keeps the middle 84 px of a 168×84 image: on a 12×12 canvas over the whole
+    image, columns 3..8 hold the 6×6 patch grid (rows enlarged 2×), the others are NaN (unseen), and
+    the metrics use the seen cells only."""
+    model, processor = load_model(llava)
+    rng = np.random.default_rng(1)
+    record = _record(Image.fromarray(rng.integers(0, 256, (84, 168, 3), dtype=np.uint8)))
+    layers = [0, 1]
+    maps = record_word_maps(model, processor, record, ["red"], size=12, layers=layers)["red"]
+    assert np.isnan(maps[:, :3]).all() and np.isnan(maps[:, 9:]).all() and np.isfinite(maps[:, 3:9]).all()
+
+    sample = LavenderDataset([record], _Words(["red"]), processor, att_text="both").prepare(record)
+    batch = LavenderCollator(processor, image_token_id(model.config))([sample])
+    eager = AutoModelForImageTextToText.from_pretrained(llava, attn_implementation="eager").eval()
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    ids = batch["input_ids"][0]
+    image_columns = (ids == model.config.image_token_index).nonzero().flatten()
+    word_rows = batch["lavender_word_rows"][0, 0]
+    rows = batch["lavender_query_positions"][0][word_rows[word_rows >= 0]]
+    probs = torch.stack([attentions[layer][0][:, rows][:, :, image_columns] for layer in layers])
+    grid = probs.double().mean(dim=(0, 1, 2)).reshape(1, 1, 6, 6)
+    expected = torch.nn.functional.interpolate(grid, size=(12, 6), mode="bilinear", align_corners=False)[0, 0]
+    expected = (expected - expected.min()) / (expected.max() - expected.min() + 1e-6)
+    np.testing.assert_allclose(maps[:, 3:9], expected.numpy(), atol=2e-4)
+
+    teacher = np.zeros((12, 12), np.float32)
+    teacher[:, 0] = 1.0  # the teacher's peak lies in a margin the VLM never sees
+    teacher[:, 3:9] = np.linspace(0, 0.5, 6, dtype=np.float32)
+    metrics = word_metrics(maps, teacher)
+    assert metrics["visible"] == 0.5
+    assert metrics["entropy"] == pytest.approx(normalized_entropy(maps[:, 3:9]))
+    # the teacher's seen part is normalised again, so its columns run 0..1 and the margins do not count
+    assert metrics["mse"] == pytest.approx(
+        np.mean((maps[:, 3:9] - np.linspace(0, 1, 6) / (1 + 1e-6 / 0.5)) ** 2), abs=1e-6)
+
+
 def _eval(*argv: str) -> int:
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)

@@ -259,3 +259,27 @@ def test_activation_checkpointing_gives_the_same_losses(world, llava):
     for a, b in zip(train_logs(plain), train_logs(checkpointed), strict=True):
         for key in ("loss", "lm_loss", "att_loss", "grad_norm"):
             assert _close(a[key], b[key]), (key, a, b)
+
+
+def test_cells_the_vlm_cannot_see_are_left_out_of_the_alignment_loss(world, llava):
+    # the 90×60 images are centre-cropped by LLaVA's processor to their middle 60 px: on the
+    # 8×8 canvas over the whole image, columns 1..6 are seen, columns 0 and 7 are not
+    trainer = build_trainer(build_config(_keys(world, llava, "geometry")))
+    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
+    targets = batch["lavender_targets"]
+    hidden, seen = targets.clone(), targets.clone()
+    hidden[..., [0, 7]] = torch.rand_like(hidden[..., [0, 7]])
+    seen[..., 3] = torch.rand_like(seen[..., 3])
+
+    def att_sum(targets):
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, {**batch, "lavender_targets": targets})
+        return trainer._aligned.att_sum
+
+    reference = att_sum(targets)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[:, 1:7] = True
+    assert all(torch.equal(word, expected) for word in trainer._aligned.visible)
+    torch.testing.assert_close(att_sum(hidden), reference)
+    assert not torch.allclose(att_sum(seen), reference)
+    trainer.capture.close()

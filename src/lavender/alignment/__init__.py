@@ -6,8 +6,14 @@
 
 from lavender.alignment.aggregation import AGGREGATIONS, Aggregation, get_aggregation
 from lavender.alignment.aligners import ALIGNERS, ConvAligner, ParallelTextImageAttention, build_aligner
-from lavender.alignment.head import AlignmentHead, visible_word_rows, word_maps
-from lavender.alignment.loss import NORMALIZATIONS, AttentionWeight, attention_loss, normalize_maps
+from lavender.alignment.head import AlignmentHead, per_word_visibility, visible_word_rows, word_maps
+from lavender.alignment.loss import (
+    NORMALIZATIONS,
+    AttentionWeight,
+    attention_loss,
+    normalize_maps,
+    restrict_to_visible,
+)
 
 __all__ = [
     "AGGREGATIONS",
@@ -22,6 +28,8 @@ __all__ = [
     "build_aligner",
     "get_aggregation",
     "normalize_maps",
+    "per_word_visibility",
+    "restrict_to_visible",
     "visible_word_rows",
     "word_maps",
 ]

@@ -42,6 +42,12 @@ def visible_word_rows(
     return word_rows, word_mask & (word_rows >= 0).any(dim=-1)
 
 
+def per_word_visibility(visible: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """``visible (B, R, R)`` per sample → ``(N, R, R)`` for the N words where ``word_mask (B, W)``
+    is True, in the order of ``maps[word_mask]``."""
+    return visible[:, None].expand(-1, word_mask.shape[1], -1, -1)[word_mask]
+
+
 class AlignmentHead(nn.Module):
     """Aggregation + aligner + per-word normalisation, by name.
 
@@ -92,15 +98,24 @@ class AlignmentHead(nn.Module):
         return torch.stack(probs, dim=1)
 
     def forward(
-        self, maps: torch.Tensor, word_rows: torch.Tensor, word_mask: torch.Tensor, detach_maps: bool = False
+        self,
+        maps: torch.Tensor,
+        word_rows: torch.Tensor,
+        word_mask: torch.Tensor,
+        detach_maps: bool = False,
+        visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Normalised maps ``(N, R, R)`` of the N words where ``word_mask (B, W)`` is True."""
+        """Normalised maps ``(N, R, R)`` of the N words where ``word_mask (B, W)`` is True; with
+        ``visible`` (``(B, R, R)`` bool, the cells each sample's VLM sees) normalised over those
+        cells and 0 elsewhere."""
         if maps.shape[2] != self.heads:
             raise ValueError(f"the head was built for {self.heads} heads; the captured maps have {maps.shape[2]}")
         per_word = word_maps(maps.float(), word_rows)[word_mask]
         if detach_maps:
             per_word = per_word.detach()
-        return normalize_maps(self.aggregation(per_word, self.aligner), self.normalization)
+        if visible is not None:
+            visible = per_word_visibility(visible, word_mask)
+        return normalize_maps(self.aggregation(per_word, self.aligner), self.normalization, visible)
 
     def describe(self) -> dict[str, str]:
         """What a saved head needs to be rebuilt (stored next to its weights, as strings)."""

@@ -4,6 +4,11 @@
 
 The teacher's maps are stored already normalised (the store's metadata says how); the VLM's side
 is normalised here the same way, per word over its R×R cells.
+
+Both maps cover the whole image. Where the VLM's processor cut part of the image off (LLaVA's
+centre crop), a ``visible`` mask marks the cells the VLM sees: the VLM's map is normalised over
+those cells only, the teacher's map is restricted to them and normalised again, and the MSE is
+taken over them, as if the teacher had seen the same crop.
 """
 
 from __future__ import annotations
@@ -17,45 +22,73 @@ import torch
 EPS = 1e-6
 
 
-def _minmax(maps: torch.Tensor) -> torch.Tensor:
+# Each takes maps (..., R, R) and optionally which cells count (bool, same shape).
+
+
+def _minmax(maps: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
     flat = maps.flatten(-2)
-    low = flat.amin(dim=-1, keepdim=True)
-    high = flat.amax(dim=-1, keepdim=True)
+    if visible is None:
+        low, high = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
+    else:
+        visible = visible.flatten(-2)
+        low = torch.where(visible, flat, torch.inf).amin(dim=-1, keepdim=True)
+        high = torch.where(visible, flat, -torch.inf).amax(dim=-1, keepdim=True)
     return ((flat - low) / (high - low + EPS)).view_as(maps)
 
 
-def _sum(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(-2).clamp_min(0)
+def _sum(maps: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+    flat = maps.flatten(-2) if visible is None else maps.flatten(-2) * visible.flatten(-2)
+    flat = flat.clamp_min(0)
     return (flat / (flat.sum(dim=-1, keepdim=True) + EPS)).view_as(maps)
 
 
-def _identity(maps: torch.Tensor) -> torch.Tensor:
+def _identity(maps: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
     return maps
 
 
-NORMALIZATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+NORMALIZATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "minmax": _minmax,  # the paper's and the authors' (eps 1e-6): each map spans [0, 1]
     "sum": _sum,  # a distribution over the cells
     "none": _identity,
 }
 
 
-def normalize_maps(maps: torch.Tensor, method: str = "minmax") -> torch.Tensor:
-    """Normalise each map ``(..., R, R)`` on its own."""
+def normalize_maps(maps: torch.Tensor, method: str = "minmax", visible: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalise each map ``(..., R, R)`` on its own; with ``visible`` (bool, broadcastable), over
+    its visible cells only, the others set to 0."""
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation {method!r}; choose one of {sorted(NORMALIZATIONS)}")
-    return NORMALIZATIONS[method](maps)
+    if visible is None:
+        return NORMALIZATIONS[method](maps)
+    visible = visible.expand_as(maps)
+    return NORMALIZATIONS[method](maps, visible) * visible
 
 
-def attention_loss(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-word MSE ``(N,)`` between predicted and target maps ``(N, R, R)``.
+def restrict_to_visible(maps: torch.Tensor, visible: torch.Tensor, method: str) -> torch.Tensor:
+    """Normalised maps ``(N, R, R)`` seen through ``visible (N, R, R)``: a map with hidden cells is
+    normalised again (``method``) over its visible cells; a fully visible map is returned as it is."""
+    partial = ~visible.flatten(1).all(dim=1)
+    if not bool(partial.any()):
+        return maps
+    return torch.where(partial[:, None, None], normalize_maps(maps, method, visible), maps)
+
+
+def attention_loss(
+    predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-word MSE ``(N,)`` between predicted and target maps ``(N, R, R)``, over the ``visible``
+    cells (``(N, R, R)`` bool; default all).
 
     Per word rather than a mean, so the caller can normalise by the number of words over the whole
     (accumulated, distributed) batch, the way the LM loss is normalised by its token count.
     """
     if predicted.shape != targets.shape:
         raise ValueError(f"predicted maps {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
-    return (predicted.float() - targets.float()).pow(2).flatten(1).mean(dim=1)
+    squared = (predicted.float() - targets.float()).pow(2).flatten(1)
+    if visible is None:
+        return squared.mean(dim=1)
+    visible = visible.flatten(1)
+    return (squared * visible).sum(dim=1) / visible.sum(dim=1).clamp_min(1)
 
 
 @dataclass(frozen=True)

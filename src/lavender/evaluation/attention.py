@@ -10,7 +10,11 @@ The VLM's maps come exactly as in training: the record in the model's chat templ
 * ``head``: the trained alignment head's output (aggregation + aligner), when the model folder has
   one (``lavender_head.safetensors``): what the alignment loss compared with the teacher.
 
-Metrics per word (averaged over all measured words):
+Metrics per word (averaged over all measured words), over the cells the VLM sees (all of them,
+unless its processor cuts part of the image off, e.g. LLaVA's centre crop of a non-square image;
+the teacher's map is then normalised again over those cells, as in training):
+
+* ``visible``: the fraction of the R×R cells the VLM sees;
 
 * ``entropy``: Shannon entropy of the map taken as a distribution over the R² cells, divided by
   log R² (1 = flat, 0 = one cell); ``teacher_entropy`` the same for the teacher's map;
@@ -40,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lavender.alignment import normalize_maps, visible_word_rows, word_maps
+from lavender.alignment import normalize_maps, per_word_visibility, restrict_to_visible, visible_word_rows, word_maps
 from lavender.images import ImageError
 from lavender.records import Record
 from lavender.student import AttentionCapture
@@ -103,10 +107,25 @@ def iou(attention: np.ndarray, mask_grid: np.ndarray, threshold: float = IOU_THR
 
 
 def word_metrics(
-    vlm: np.ndarray, teacher: np.ndarray | None = None, mask_grid: np.ndarray | None = None
+    vlm: np.ndarray,
+    teacher: np.ndarray | None = None,
+    mask_grid: np.ndarray | None = None,
+    teacher_normalization: str = "minmax",
 ) -> dict[str, float | None]:
-    """Every metric that applies to one word's VLM map, given its teacher map and/or mask grid."""
-    metrics: dict[str, float | None] = {"entropy": normalized_entropy(vlm)}
+    """Every metric that applies to one word's VLM map, given its teacher map and/or mask grid.
+
+    NaN cells of ``vlm`` (cells the VLM does not see) are left out of every metric, and the
+    teacher's map is then normalised again (``teacher_normalization``, how the store normalised
+    it) over the cells seen, as in training; ``visible`` is the fraction of cells seen."""
+    seen = np.isfinite(vlm)
+    if teacher is not None and not seen.all():
+        visible = torch.from_numpy(seen)[None]
+        teacher = restrict_to_visible(torch.from_numpy(np.asarray(teacher, np.float32))[None], visible,
+                                      teacher_normalization)[0].numpy()
+    vlm = vlm[seen]  # 1-D: the metrics below treat a map as the list of its cells
+    teacher = None if teacher is None else teacher[seen]
+    mask_grid = None if mask_grid is None else mask_grid[seen]
+    metrics: dict[str, float | None] = {"visible": float(seen.mean()), "entropy": normalized_entropy(vlm)}
     if teacher is not None:
         metrics["teacher_entropy"] = normalized_entropy(teacher)
         metrics["mse"] = float(np.mean((vlm.astype(np.float64) - teacher.astype(np.float64)) ** 2))
@@ -123,7 +142,7 @@ def summarize_words(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for kind in sorted({row["map"] for row in rows}):
         of_kind = [row for row in rows if row["map"] == kind]
         entry: dict[str, Any] = {"words": len(of_kind), "records": len({row["id"] for row in of_kind})}
-        for name in ("entropy", "teacher_entropy", "mse", "pearson", "pointing", "iou"):
+        for name in ("visible", "entropy", "teacher_entropy", "mse", "pearson", "pointing", "iou"):
             values = [row[name] for row in of_kind if row.get(name) is not None]
             if values:
                 entry[name] = float(np.mean(values))
@@ -168,6 +187,12 @@ class _WordTargets:
     def ids(self) -> list[str]:
         return sorted(set(self.keys) | set(self.teacher.ids() if self.teacher is not None else ()))
 
+    @property
+    def normalization(self) -> str:
+        """How the teacher's maps were normalised (the store's ``normalize`` setting)."""
+        settings = self.teacher.metadata.get("settings", {}) if self.teacher is not None else {}
+        return settings.get("normalize", "minmax")
+
     def teacher_maps(self, record_id: str) -> dict[str, np.ndarray]:
         return self.teacher.get(record_id) if self.teacher is not None and record_id in self.teacher else {}
 
@@ -189,7 +214,7 @@ def record_word_maps(
     """The VLM's raw normalised map of each of ``keys`` found in ``record``'s text (for figures)."""
     targets = _WordTargets(None, {record.id: set(keys)}, size)
     sample = LavenderDataset([record], targets, processor, att_text=side).prepare(record)
-    capture = AttentionCapture(model, layers=layers)
+    capture = AttentionCapture(model, layers=layers, processor=processor)
     try:
         collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
         return vlm_word_maps(model, capture, collator, [sample], size)[0]["raw"]
@@ -242,7 +267,7 @@ def evaluate_attention(
     head = _load_head(model_dir)
     dataset = LavenderDataset(measured, words, processor, att_text=side)
     collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
-    capture = AttentionCapture(model, layers=layers)
+    capture = AttentionCapture(model, layers=layers, processor=processor)
     rows: list[dict[str, Any]] = []
     try:
         for start in tqdm(range(0, len(measured), batch_size), desc="attention", unit="batch"):
@@ -274,8 +299,9 @@ def _load_head(model_dir: str | Path | None):
 @torch.no_grad()
 def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> list[dict[str, dict[str, np.ndarray]]]:
     """Per sample (:class:`lavender.training.data.Sample`), per map kind (``raw``, and ``head`` when a
-    head is given), word key → the VLM's normalised (size, size) map. Words whose rows cannot see
-    the image are left out."""
+    head is given), word key → the VLM's normalised (size, size) map over the whole image, NaN on
+    the cells the VLM does not see (its processor cut them off). Words whose rows cannot see the
+    image are left out."""
     batch = collator(samples)
     query_positions, word_rows, _, word_mask = (batch.pop(key) for key in BATCH_KEYS)
     for key in (COUNTS_KEY, EXAMPLES_KEY, "labels"):
@@ -285,16 +311,18 @@ def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> li
         model(**inputs)
     image_sizes = [(sample.image.height, sample.image.width) for sample in samples]
     maps = capture.maps(inputs, size=size, image_sizes=image_sizes).float().cpu()  # (B, L, H, Q, R, R)
+    visible = capture.visibility(inputs, size, image_sizes)  # (B, R, R): cells the VLM sees
     word_rows, word_mask = visible_word_rows(capture.query_mask.cpu(), word_rows, word_mask)
 
-    kinds = {"raw": normalize_maps(word_maps(maps, word_rows).mean(dim=(2, 3))[word_mask], "minmax")}
+    mean_maps = word_maps(maps, word_rows).mean(dim=(2, 3))[word_mask]
+    kinds = {"raw": normalize_maps(mean_maps, "minmax", per_word_visibility(visible, word_mask))}
     if head is not None:
-        kinds["head"] = head.float()(maps, word_rows, word_mask)
+        kinds["head"] = head.float()(maps, word_rows, word_mask, visible=visible)
     owners = [(b, key) for b, sample in enumerate(samples) for w, key in enumerate(sample.keys) if word_mask[b, w]]
     result: list[dict[str, dict[str, np.ndarray]]] = [{kind: {} for kind in kinds} for _ in samples]
     for kind, predicted in kinds.items():
         for (b, key), word_map in zip(owners, predicted.numpy()):
-            result[b][kind][key] = word_map
+            result[b][kind][key] = np.where(visible[b].numpy(), word_map, np.nan)
     return result
 
 
@@ -305,7 +333,9 @@ def _measure_batch(model, capture, collator, head, samples, words: _WordTargets,
         grids = {key: mask_on_grid(mask, size) for key, mask in masks.get(sample.record_id, {}).items()}
         for kind, maps in per_kind.items():
             rows += [
-                {"id": sample.record_id, "word": key, "map": kind, **word_metrics(vlm, teacher.get(key), grids.get(key))}
+                {"id": sample.record_id, "word": key, "map": kind,
+                 **word_metrics(vlm, teacher.get(key), grids.get(key), words.normalization)}
                 for key, vlm in maps.items()
             ]
     return rows
+

@@ -86,7 +86,7 @@ def build_trainer(config: TrainConfig):
     set_seed(training.seed)  # the aligner's and LoRA's initial weights are part of the run
     model, processor = load_model(config)
     try:
-        capture = AttentionCapture(model, layers=args.att_layers)
+        capture = AttentionCapture(model, layers=args.att_layers, processor=processor)
     except ValueError as error:
         raise ConfigError(f"att_layers: {error}") from None
 

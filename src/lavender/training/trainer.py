@@ -30,7 +30,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, Trainer
 
-from lavender.alignment import AlignmentHead, AttentionWeight, attention_loss, visible_word_rows
+from lavender.alignment import (
+    AlignmentHead,
+    AttentionWeight,
+    attention_loss,
+    per_word_visibility,
+    restrict_to_visible,
+    visible_word_rows,
+)
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
 
 HEAD_NAME = "lavender_head"
@@ -53,6 +60,7 @@ class _AlignmentRequest:
 class _Aligned:
     att_sum: torch.Tensor  # Σ over matched words of the per-word MSE, with grad
     predicted: torch.Tensor  # (N, R, R), detached: for figures
+    visible: torch.Tensor  # (N, R, R) bool: the cells the VLM sees (its processor may crop the image)
     word_mask: torch.Tensor  # (B, W): the words that got a map
 
 
@@ -167,7 +175,8 @@ class LavenderTrainer(Trainer):
 
         self._accumulate(lm_loss, att_loss, weight, counts, num_items_in_batch)
         if self._figure_due(step):
-            self._save_figure(step, examples[0], aligned.predicted, targets[aligned.word_mask], aligned.word_mask)
+            predicted = aligned.predicted.masked_fill(~aligned.visible, float("nan"))  # unseen: left blank
+            self._save_figure(step, examples[0], predicted, targets[aligned.word_mask], aligned.word_mask)
         return (loss, outputs) if return_outputs else loss
 
     def _align_in_forward(self, module, args, kwargs, outputs):
@@ -194,12 +203,18 @@ class LavenderTrainer(Trainer):
             query_mask & (request.query_positions >= 0), request.word_rows, request.word_mask
         )
 
-        predicted = self.head(maps, rows, word_mask, detach_maps=request.detach_maps)
-        per_word = attention_loss(predicted, request.targets[word_mask].to(predicted.dtype))
+        # both maps cover the whole image; cells the VLM's processor cut off are left out
+        visible = self.capture.visibility(model_inputs, self.resolution, request.image_sizes).to(maps.device)
+        predicted = self.head(maps, rows, word_mask, detach_maps=request.detach_maps, visible=visible)
+        visible = per_word_visibility(visible, word_mask)
+        targets = restrict_to_visible(request.targets[word_mask].to(predicted.dtype), visible, self.head.normalization)
+        per_word = attention_loss(predicted, targets, visible)
         # the zero term keeps the head in the graph when no word matched, so every process
         # reduces the head's gradients on every step
         att_sum = per_word.sum() + sum(p.sum() for p in self.head.parameters()) * 0.0
-        self._aligned = _Aligned(att_sum=att_sum, predicted=predicted.detach(), word_mask=word_mask)
+        self._aligned = _Aligned(
+            att_sum=att_sum, predicted=predicted.detach(), visible=visible, word_mask=word_mask
+        )
         if outputs.loss is not None:
             # DDP (find_unused_parameters) finds a step's parameters by walking back from the
             # forward's outputs: tie the head to them, with weight 0
