@@ -120,11 +120,6 @@ class Adapter:
         return self.image_processor
 
 
-def grid_indices(start: int, rows: int, cols: int) -> torch.Tensor:
-    """Key indices of a row-major (rows, cols) grid whose first key is ``start``."""
-    return start + torch.arange(rows * cols).view(rows, cols)
-
-
 def image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
     """Per sample, the sequence positions of its image tokens (ascending)."""
     return [row.eq(image_token_id).nonzero().squeeze(-1) for row in input_ids]

@@ -17,7 +17,6 @@ from transformers.image_transforms import get_size_with_aspect_ratio
 from lavender.student.adapters.base import (
     Adapter,
     Layout,
-    grid_indices,
     image_columns,
     register_adapter,
     rows_after_layouts,
@@ -48,7 +47,7 @@ class LlavaAdapter(Adapter):
                 layouts.append(None)
                 continue
             block = columns[image * per_image : (image + 1) * per_image][per_image - side * side :]
-            keys = block[grid_indices(0, side, side)]
+            keys = block.view(side, side)  # row-major patches
             view = FULL_VIEW if image_sizes is None else self.view(*image_sizes[b])
             layouts.append(Layout(keys, view))
         return layouts

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from lavender.student.adapters.base import Adapter, Layout, grid_indices, register_adapter
+from lavender.student.adapters.base import Adapter, Layout, register_adapter
 from lavender.student.geometry import FULL_VIEW, View
 
 
@@ -60,8 +60,8 @@ class MllamaAdapter(Adapter):
                 continue
             rows, cols = vision.supported_aspect_ratios[ratio_id - 1]
             # cell (r·side + i, c·side + j) ← tile r·cols + c, patch i·side + j
-            tile = grid_indices(0, rows, cols).repeat_interleave(side, 0).repeat_interleave(side, 1)
-            patch = grid_indices(0, side, side).repeat(rows, cols)
+            tile = torch.arange(rows * cols).view(rows, cols).repeat_interleave(side, 0).repeat_interleave(side, 1)
+            patch = torch.arange(side * side).view(side, side).repeat(rows, cols)
             keys = image * tiles * per_tile + tile * per_tile + 1 + patch
             view = FULL_VIEW
             if image_sizes is not None:
