@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lavender.student.geometry import FULL_VIEW, View, place_grid, visible_cells
+from lavender.student.geometry import View, place_grid, visible_cells
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -146,5 +146,3 @@ def image_runs(columns: torch.Tensor) -> list[torch.Tensor]:
     breaks = (columns.diff() > 1).nonzero().squeeze(-1) + 1
     return list(torch.tensor_split(columns, breaks.tolist()))
 
-
-__all__ = ["ADAPTERS", "FULL_VIEW", "Adapter", "ImageSizes", "Layout", "View"]
