@@ -67,7 +67,7 @@ def test_targets_and_show_end_to_end(tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     strict = lavender("targets", "--data", str(manifest), "--model", str(model), "--output", str(tmp_path / "strict"),
                       "--strict", "--no-progress")
-    assert strict.returncode == 1 and "record 'bad'" in strict.stdout and "not found" in strict.stdout
+    assert strict.returncode == 1 and "record 'bad'" in strict.stderr and "not found" in strict.stderr
 
 
 def test_plot_word_maps_draws_one_panel_per_word(tmp_path):

@@ -3,6 +3,9 @@
 Each subcommand lives next to the code it drives, in a module exposing
 ``add_arguments(parser)`` and ``run(args) -> int``. Those modules import heavy
 libraries inside ``run`` so that ``lavender --help`` stays fast.
+
+Bad input raises :class:`lavender.errors.LavenderError`; :func:`main` prints its message as
+``lavender COMMAND: error: ...`` without a traceback (``lavender --debug COMMAND`` shows it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lavender import __version__
 
     parser.add_argument("--version", action="version", version=f"lavender {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -47,5 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lavender.errors import LavenderError
+
     args = build_parser().parse_args(argv)
-    sys.exit(args._run(args) or 0)
+    try:
+        code = args._run(args)
+    except LavenderError as error:
+        if args.debug:
+            raise
+        print(f"lavender {args.command}: error: {error}", file=sys.stderr, flush=True)
+        code = error.exit_code
+    sys.exit(code or 0)

@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lavender.errors import LavenderError
+
 # An 8000×8000 scan is legitimate; PIL's bomb guard (89 Mpx) would refuse it with a warning.
 MAX_PIXELS = 200_000_000
 
 
-class ImageError(ValueError):
+class ImageError(LavenderError, ValueError):
     """An image could not be turned into RGB pixels; the message says why."""
 
 

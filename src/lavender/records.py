@@ -6,8 +6,10 @@ A :class:`Record` is an image plus a conversation. Readers accept
 * LLaVA-style JSON or JSONL with ``{"id", "image", "conversations": [{"from", "value"}]}``,
 * a Hugging Face ``datasets`` folder written by ``save_to_disk``.
 
-Every problem is reported as a :class:`RecordError` naming the file, the line (or row)
-and what is wrong, so a user can fix the data rather than guess.
+Every field's type is checked before any work. A problem is a :class:`RecordError` naming the
+file, the line (or row), the record's id and what is wrong, so a user can fix the data rather
+than guess. With ``keep_invalid`` a record whose fields are wrong (but whose id is readable) is
+kept in its place with the reason in :attr:`Record.invalid`, so one bad record costs only itself.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
+
+from lavender.errors import LavenderError
 
 IMAGE_MARKER = "<image>"
 Role = Literal["user", "assistant"]
@@ -31,7 +35,7 @@ _ROLES: dict[str, Role] = {
 }
 
 
-class RecordError(ValueError):
+class RecordError(LavenderError, ValueError):
     """A record could not be read; the message names the file, line and problem."""
 
 
@@ -46,13 +50,15 @@ class Record:
     """An image and a conversation about it.
 
     ``image`` is a path (resolved against the manifest's folder or ``image_root``) or,
-    for ``datasets`` folders with an ``Image`` column, a ``PIL.Image.Image``.
+    for ``datasets`` folders with an ``Image`` column, a ``PIL.Image.Image``. ``invalid`` is set
+    (``image`` None, no turns) when the record's fields are unusable: why, with its file and line.
     """
 
     id: str
     image: Any
     turns: list[Turn]
     extra: dict[str, Any] = field(default_factory=dict)
+    invalid: str | None = None
 
     @property
     def question(self) -> str:
@@ -77,11 +83,13 @@ def strip_image_marker(text: str) -> str:
     return text.replace(IMAGE_MARKER + "\n", "").replace("\n" + IMAGE_MARKER, "").replace(IMAGE_MARKER, "").strip()
 
 
-def read_records(path: str | Path, image_root: str | Path | None = None) -> list[Record]:
+def read_records(path: str | Path, image_root: str | Path | None = None, keep_invalid: bool = False) -> list[Record]:
     """Read every record of ``path`` (JSONL, JSON or a ``datasets`` folder).
 
     Image paths are relative to the manifest's folder unless ``image_root`` is given.
-    Raises :class:`RecordError` on the first bad record, and on duplicate ids.
+    Raises :class:`RecordError` on the first bad record, and on duplicate ids; with ``keep_invalid``,
+    records with unusable fields come back with :attr:`Record.invalid` set instead (a line that is
+    not a record, a missing or duplicate id are still errors: they leave nothing to name).
     """
     path = Path(path)
     if not path.exists():
@@ -100,6 +108,8 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
     first_seen: dict[str, str] = {}
     for where, raw in located:
         record = _to_record(raw, where, root)
+        if record.invalid and not keep_invalid:
+            raise RecordError(record.invalid)
         if record.id in first_seen:
             raise RecordError(f"{where}: duplicate id {record.id!r} (first seen at {first_seen[record.id]})")
         first_seen[record.id] = where
@@ -107,9 +117,22 @@ def read_records(path: str | Path, image_root: str | Path | None = None) -> list
     return records
 
 
+def _decode(data: bytes, path: Path, first_line: int = 1) -> str:
+    """``data`` as UTF-8 (a leading byte-order mark dropped), or an error naming the line and column."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise RecordError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); save the file as UTF-8"
+        ) from None
+
+
 def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            line = _decode(data, path, number)
             if not line.strip():
                 continue
             where = f"{path}:{number}"
@@ -122,7 +145,7 @@ def _read_jsonl(path: Path) -> Iterable[tuple[str, dict]]:
 
 def _read_json(path: Path) -> Iterable[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as error:
         raise RecordError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
     if not isinstance(data, list):
@@ -146,61 +169,91 @@ def _read_datasets_folder(path: Path) -> Iterable[tuple[str, dict]]:
         yield f"{path} row {index}", raw
 
 
+class _Unusable(Exception):
+    """A field of a record is wrong; caught in :func:`_to_record`, which adds where and which record."""
+
+
+def _kind(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
 def _to_record(raw: Any, where: str, root: Path) -> Record:
     if not isinstance(raw, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
     if "id" not in raw or raw["id"] in (None, ""):
         raise RecordError(f"{where}: missing field 'id'")
-    record_id = str(raw.pop("id"))
+    record_id = raw.pop("id")
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+        raise RecordError(f"{where}: 'id' must be a string or an integer, got {_kind(record_id)}")
+    record_id = str(record_id)
+    try:
+        image = _image(raw, root)
+        if "conversations" in raw or "messages" in raw:
+            key = "conversations" if "conversations" in raw else "messages"
+            turns = _parse_turns(raw.pop(key))
+        else:
+            turns = _question_answer(raw)
+    except _Unusable as problem:
+        return Record(id=record_id, image=None, turns=[], extra=raw, invalid=f"{where}: record {record_id!r}: {problem}")
+    return Record(id=record_id, image=image, turns=turns, extra=raw)
+
+
+def _image(raw: dict, root: Path) -> Any:
+    from PIL import Image
 
     image = raw.pop("image", None)
     if image is None and "images" in raw:
         images = raw.pop("images")
         image = images[0] if isinstance(images, list) and images else images
     if image is None or image == "":
-        raise RecordError(f"{where}: record {record_id!r} is missing field 'image'")
+        raise _Unusable("missing field 'image'")
     if isinstance(image, str):
-        image_path = Path(image)
-        image = image_path if image_path.is_absolute() else root / image_path
-
-    if "conversations" in raw or "messages" in raw:
-        key = "conversations" if "conversations" in raw else "messages"
-        turns = _parse_turns(raw.pop(key), where, record_id)
-    else:
-        missing = [name for name in ("question", "answer") if name not in raw]
-        if missing:
-            raise RecordError(
-                f"{where}: record {record_id!r} needs 'question' and 'answer' or 'conversations'; "
-                f"missing {', '.join(missing)}"
-            )
-        question, answer = raw.pop("question"), raw.pop("answer")
-        if isinstance(answer, list):  # several reference answers: the first is the target
-            raw.setdefault("references", [str(a) for a in answer])
-            answer = answer[0] if answer else ""
-        turns = [Turn("user", strip_image_marker(str(question))), Turn("assistant", str(answer))]
-    return Record(id=record_id, image=image, turns=turns, extra=raw)
+        path = Path(image)
+        return path if path.is_absolute() else root / path
+    if isinstance(image, (bytes, Image.Image)):
+        return image
+    raise _Unusable(f"'image' must be a path (a string), got {_kind(image)}")
 
 
-def _parse_turns(messages: Any, where: str, record_id: str) -> list[Turn]:
+def _text(value: Any, name: str) -> str:
+    """A text field; numbers (a counting answer, ``3``) are text too, null and containers are not."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _Unusable(f"{name} must be text, got {'null' if value is None else _kind(value)}")
+
+
+def _question_answer(raw: dict) -> list[Turn]:
+    missing = [name for name in ("question", "answer") if name not in raw]
+    if missing:
+        raise _Unusable(f"needs 'question' and 'answer' or 'conversations'; missing {', '.join(missing)}")
+    question, answer = _text(raw.pop("question"), "'question'"), raw.pop("answer")
+    if isinstance(answer, list):  # several reference answers: the first is the target
+        references = [_text(item, f"'answer' item {index}") for index, item in enumerate(answer)]
+        raw.setdefault("references", references)
+        answer = references[0] if references else ""
+    return [Turn("user", strip_image_marker(question)), Turn("assistant", _text(answer, "'answer'"))]
+
+
+def _parse_turns(messages: Any) -> list[Turn]:
     if not isinstance(messages, list) or not messages:
-        raise RecordError(f"{where}: record {record_id!r}: conversations must be a non-empty list")
+        raise _Unusable("conversations must be a non-empty list")
     turns = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise RecordError(f"{where}: record {record_id!r}: turn {index} is not an object")
+            raise _Unusable(f"turn {index} is not an object")
         speaker = message.get("from", message.get("role"))
         text = message.get("value", message.get("content"))
         if isinstance(text, list):  # chat-template style content parts
             # `datasets` fills absent struct fields with None ({"type": "image", "text": None})
             text = " ".join(part.get("text") or "" for part in text if isinstance(part, dict))
-        role = _ROLES.get(str(speaker).lower())
+        role = _ROLES.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None:
-            raise RecordError(
-                f"{where}: record {record_id!r}: turn {index} has speaker {speaker!r}; "
-                f"expected one of {sorted(_ROLES)}"
-            )
+            raise _Unusable(f"turn {index} has speaker {speaker!r}; expected one of {sorted(_ROLES)}")
         if not isinstance(text, str):
-            raise RecordError(f"{where}: record {record_id!r}: turn {index} has no text")
+            raise _Unusable(f"turn {index} has no text")
         turns.append(Turn(role, strip_image_marker(text)))
     return turns

@@ -113,8 +113,11 @@ def _predict(model, processor, items, path: Path, batch_size: int, max_new_token
     from tqdm import tqdm
 
     from lavender.evaluation.runner import evaluate_batch
+    from lavender.files import exclusive
 
-    with path.open("a", encoding="utf-8") as handle, tqdm(total=len(items), desc="eval", unit="record") as bar:
+    # two runs appending to one file would interleave their rows: the second stops instead
+    lock = exclusive(path.parent / ".predictions.lock", "another `lavender eval` process")
+    with lock, path.open("a", encoding="utf-8") as handle, tqdm(total=len(items), desc="eval", unit="record") as bar:
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in evaluate_batch(model, processor, batch, max_new_tokens))

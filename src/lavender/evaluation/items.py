@@ -34,7 +34,8 @@ def read_eval_records(path: str | Path, image_root: str | Path | None = None) ->
         from lavender.evaluation.tsv import read_tsv
 
         return read_tsv(path)
-    return read_records(path, image_root=image_root)
+    # a record with unusable fields is scored 0 with its reason; the others are evaluated
+    return read_records(path, image_root=image_root, keep_invalid=True)
 
 
 def make_items(records: Sequence[Record], scorer: str | None = None, instruction: str | None = None) -> list[EvalItem]:
@@ -48,13 +49,14 @@ def make_items(records: Sequence[Record], scorer: str | None = None, instruction
     """
     items = []
     for record in records:
-        options = _options(record)
-        references = [str(r) for r in record.extra.get("references") or [record.answer]]
-        references = [r for r in references if r.strip()]
         try:
+            options = _options(record)
+            references = [str(r) for r in record.extra.get("references") or [record.answer]]
+            references = [r for r in references if r.strip()]
             chosen = choose_scorer(references, options, record.extra.get("scorer") or scorer)
-        except ValueError as error:
-            raise RecordError(f"record {record.id!r}: {error}") from None
+        except ValueError as error:  # RecordError included: this record alone is scored 0, with the reason
+            record.invalid = record.invalid or (str(error) if isinstance(error, RecordError) else f"record {record.id!r}: {error}")
+            options, references, chosen = {}, [], scorer or "exact"
         items.append(
             EvalItem(
                 id=record.id,

@@ -4,7 +4,6 @@ finish, so an interrupted run resumes) and ``metrics.json`` (written atomically 
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -65,10 +64,9 @@ def _mean(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as JSON atomically: a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from lavender.files import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def format_table(metrics: dict[str, Any]) -> str:

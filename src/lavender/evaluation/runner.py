@@ -15,6 +15,10 @@ def evaluate_batch(model: Any, processor: Any, items: Sequence[EvalItem], max_ne
     """A ``predictions.jsonl`` row per item, in order."""
     images, errors = [], {}
     for item in items:
+        if item.record.invalid:
+            images.append(None)
+            errors[item.id] = f"invalid record: {item.record.invalid}"
+            continue
         try:
             images.append(item_image(item))
         except ImageError as error:

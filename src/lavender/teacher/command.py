@@ -70,10 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lavender.records import RecordError, read_records
+    from lavender.errors import LavenderError
+    from lavender.records import read_records
     from lavender.teacher.extract import ExtractionSettings, Teacher
-    from lavender.teacher.run import RecordFailure, distributed_rank, extract_targets
-    from lavender.teacher.store import StoreMismatch
+    from lavender.teacher.run import distributed_rank, extract_targets
 
     rank, world_size = distributed_rank()
     # one GPU per process: accelerate and torchrun say which through LOCAL_RANK
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             seed=args.seed,
         )
-        records = read_records(args.data, image_root=args.image_root)
+        # a record with unusable fields fails alone, with its reason, like an unreadable image
+        records = read_records(args.data, image_root=args.image_root, keep_invalid=True)
         teacher = Teacher(args.model, settings, device=device, dtype=getattr(torch, dtype_name))
         summary = extract_targets(
             records,
@@ -105,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
             world_size=world_size,
             progress=not args.no_progress,
         )
-    except (RecordError, RecordFailure, StoreMismatch, FileNotFoundError, ValueError) as error:
-        print(f"lavender targets: error: {error}", flush=True)
-        return 1
+    except (FileNotFoundError, ValueError) as error:  # the model folder, the settings
+        if isinstance(error, LavenderError):
+            raise
+        raise LavenderError(str(error)) from error
     prefix = f"rank {rank}/{world_size}: " if world_size > 1 else ""
     print(f"{prefix}{summary.line()}", flush=True)
     for record_id, reason in summary.failed:

@@ -3,22 +3,39 @@
 Records are cut into shards of ``shard_size`` in manifest order; rank r of W processes
 the shards with index ≡ r (mod W) that are not on disk yet. The split depends only on the
 manifest, so any number of processes, and any number of interruptions, give the same files.
+A shard on disk that does not parse is reported and redone. Each rank holds a lock on the store
+while it writes, so a second run started on the same store stops with a message instead of
+racing the first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lavender.errors import LavenderError
+from lavender.files import exclusive
 from lavender.images import ImageError, load_image
 from lavender.records import Record
 from lavender.teacher.extract import SIDES, Teacher, record_seed
-from lavender.teacher.store import ShardRecord, finished_shards, prepare_store, write_shard
+from lavender.teacher.store import (
+    SHARDS,
+    ShardRecord,
+    StoreDamaged,
+    finished_shards,
+    prepare_store,
+    read_shard_header,
+    shard_name,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
 
 
-class RecordFailure(RuntimeError):
+class RecordFailure(LavenderError, RuntimeError):
     """A record failed under ``--strict``; the message names it."""
 
 
@@ -55,8 +72,23 @@ def _texts(record: Record, text: str) -> dict[str, str]:
     return texts
 
 
-def _image_reference(record: Record) -> str:
-    return str(record.image) if isinstance(record.image, (str, Path)) else ""
+def image_reference(record: Record) -> str:
+    """The record's image file as an absolute path ("" for in-memory images): what its maps were made from."""
+    return str(Path(record.image).resolve()) if isinstance(record.image, (str, Path)) else ""
+
+
+def _damaged(root: Path, indices: list[int]) -> set[int]:
+    """Those of the shards ``indices`` on disk that do not parse: reported and removed, to be redone."""
+    damaged = set()
+    for index in indices:
+        path = root / SHARDS / shard_name(index)
+        try:
+            read_shard_header(path)
+        except StoreDamaged as error:
+            logger.warning("%s; redoing it", error)
+            path.unlink(missing_ok=True)
+            damaged.add(index)
+    return damaged
 
 
 def extract_targets(
@@ -88,21 +120,23 @@ def extract_targets(
         "shard_size": shard_size,
         "map_dtype": "float16",
     }
-    prepare_store(output, metadata)
-    shard_count = -(-len(records) // shard_size)
-    finished = finished_shards(output)
-    mine = [i for i in range(shard_count) if i % world_size == rank and i not in finished]
-    summary = Summary(skipped=sum(min(shard_size, len(records) - i * shard_size) for i in finished))
-    total = sum(min(shard_size, len(records) - i * shard_size) for i in mine)
-    bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)
-    for index in mine:
-        chunk = records[index * shard_size : (index + 1) * shard_size]
-        stored, errors = _process_shard(chunk, teacher, batch_size, strict, bar)
-        write_shard(output, index, stored, errors)
-        summary.done += len(stored)
-        summary.failed += errors
-        summary.words_missing += sum(len(record.missing) for record, _ in stored)
-    bar.close()
+    root = prepare_store(output, metadata)
+    with exclusive(root / f".rank-{rank}.lock", f"another `lavender targets` process (rank {rank})"):
+        shard_count = -(-len(records) // shard_size)
+        finished = finished_shards(root)  # each rank checks its own shards: no rank removes another's
+        finished -= _damaged(root, sorted(i for i in finished if i % world_size == rank))
+        mine = [i for i in range(shard_count) if i % world_size == rank and i not in finished]
+        summary = Summary(skipped=sum(min(shard_size, len(records) - i * shard_size) for i in finished))
+        total = sum(min(shard_size, len(records) - i * shard_size) for i in mine)
+        bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)
+        for index in mine:
+            chunk = records[index * shard_size : (index + 1) * shard_size]
+            stored, errors = _process_shard(chunk, teacher, batch_size, strict, bar)
+            write_shard(root, index, stored, errors)
+            summary.done += len(stored)
+            summary.failed += errors
+            summary.words_missing += sum(len(record.missing) for record, _ in stored)
+        bar.close()
     return summary
 
 
@@ -114,7 +148,7 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
 
     def fail(record: Record, reason: str) -> None:
         if strict:
-            raise RecordFailure(f"record {record.id!r} ({_image_reference(record) or 'in-memory image'}): {reason}")
+            raise RecordFailure(f"record {record.id!r} ({image_reference(record) or 'in-memory image'}): {reason}")
         errors.append((record.id, reason))
         bar.update(1)
 
@@ -134,7 +168,7 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
                 continue
             entry = ShardRecord(
                 id=record.id,
-                image=_image_reference(record),
+                image=image_reference(record),
                 words=[{"key": w.key, "text": w.text, "spans": [list(s) for s in w.spans]} for w in result.words],
                 missing=[{"text": t, "side": s, "start": a, "end": b} for t, s, a, b in result.missing],
             )
@@ -142,6 +176,9 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
             bar.update(1)
 
     for record in chunk:
+        if record.invalid:
+            fail(record, record.invalid)
+            continue
         try:
             texts = _texts(record, teacher.settings.text)
             image = load_image(record.image)

@@ -7,27 +7,32 @@ Layout of a store folder::
     shards/shard-000001.safetensors    the records [S, 2S), ...
 
 A shard is the unit of work and of completion. Its tensors are one float16 array per
-record, ``(n_words, R, R)``, named by the record's id; its safetensors header (the
+record, ``(n_words, R, R)``, named by the record's place in the shard (``record_0``, ...: an id is
+never a tensor name, so ``__metadata__`` or any other id cannot break the file); its safetensors header (the
 ``"lavender"`` metadata entry, JSON) lists, for each record, the word keys in tensor order
 with their surface text and ``(side, start, end)`` character spans, the words that got no
-map, and the records that failed with their reason. The headers together are the index:
+map, its tensor's name, and the records that failed with their reason. The headers together are the index:
 :func:`open_store` reads only them, and a map is read when asked for.
 
 A shard is written to a temporary file and renamed into place, so a shard file either is
-complete or does not exist: a killed run resumes by skipping the shards present, and every
-shard depends only on its own records, so the result does not depend on how often the run
-was interrupted, nor on how many processes shared the work.
+complete or does not exist: a killed run resumes by skipping the shards present (a shard damaged
+from outside is reported and redone), and every shard depends only on its own records, so the
+result does not depend on how often the run was interrupted, nor on how many processes shared the
+work.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from lavender.errors import LavenderError
+from lavender.files import write_atomic, write_new
 
 METADATA = "metadata.json"
 SHARDS = "shards"
@@ -41,22 +46,25 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.safetensors"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself survive a crash
-    finally:
-        os.close(directory)
+_SHARD_NAME = re.compile(r"shard-(\d{6})\.safetensors")
 
 
-class StoreMismatch(ValueError):
+class StoreMismatch(LavenderError, ValueError):
     """The output folder holds maps made with other settings, model or records."""
+
+
+class StoreDamaged(LavenderError, ValueError):
+    """A file of the store cannot be read (changed, truncated or corrupted from outside)."""
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise StoreDamaged(f"{path}: not the JSON `lavender targets` writes ({error}); choose a new --output") from None
+    if not isinstance(metadata, dict):
+        raise StoreDamaged(f"{path}: not the JSON `lavender targets` writes; choose a new --output")
+    return metadata
 
 
 def prepare_store(root: str | Path, metadata: dict[str, Any]) -> Path:
@@ -65,22 +73,39 @@ def prepare_store(root: str | Path, metadata: dict[str, Any]) -> Path:
     (root / SHARDS).mkdir(parents=True, exist_ok=True)
     metadata = {"format_version": FORMAT_VERSION, **metadata}
     path = root / METADATA
-    if path.exists():
-        existing = json.loads(path.read_text())
+    # several ranks (or runs) may race here: the first creates the file, the others compare with it
+    if not write_new(path, json.dumps(metadata, indent=2, ensure_ascii=False)):
+        existing = _read_metadata(path)
         different = [key for key in RESUME_KEYS if existing.get(key) != json.loads(json.dumps(metadata.get(key)))]
         if different:
             raise StoreMismatch(
                 f"{root} holds maps made with different {', '.join(different)}; "
                 "re-run with the same settings to resume, or choose a new --output"
             )
-        return root
-    # several ranks may race here: each writes identical content atomically
-    _write_atomic(path, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
     return root
 
 
 def finished_shards(root: str | Path) -> set[int]:
-    return {int(p.name[6:12]) for p in (Path(root) / SHARDS).glob("shard-*.safetensors")}
+    names = (_SHARD_NAME.fullmatch(p.name) for p in (Path(root) / SHARDS).iterdir())
+    return {int(match.group(1)) for match in names if match}
+
+
+def read_shard_header(path: str | Path) -> dict[str, Any]:
+    """The ``lavender`` header of a shard, checked to be whole; :class:`StoreDamaged` if it is not."""
+    from safetensors import safe_open
+
+    try:
+        # safetensors checks that the file holds every byte its header promises
+        with safe_open(str(path), framework="numpy") as handle:
+            header = json.loads(handle.metadata()[HEADER_KEY])
+            names = set(handle.keys())
+        tensors = {ShardRecord(**raw).tensor_name for raw in header["records"]}
+        if tensors != names:
+            raise ValueError("its tensors are not the records its header lists")
+        header["errors"] = [{"id": str(e["id"]), "reason": str(e["reason"])} for e in header["errors"]]
+    except Exception as error:  # any way a damaged file fails to parse
+        raise StoreDamaged(f"{path}: damaged ({type(error).__name__}: {error})") from None
+    return header
 
 
 @dataclass
@@ -91,6 +116,11 @@ class ShardRecord:
     image: str
     words: list[dict]  # {"key", "text", "spans": [[side, start, end], ...]} in tensor order
     missing: list[dict]  # {"text", "side", "start", "end"}: words that got no map
+    tensor: str = ""  # the tensor's name in the shard; "" in stores written before it (named by id)
+
+    @property
+    def tensor_name(self) -> str:
+        return self.tensor or self.id
 
 
 def write_shard(
@@ -102,32 +132,33 @@ def write_shard(
     """Atomically write shard ``index``: the records' maps (float16) and the failures."""
     from safetensors.numpy import save
 
-    tensors = {record.id: maps.astype(np.float16) for record, maps in records}
+    entries = [ShardRecord(**{**record.__dict__, "tensor": f"record_{i}"}) for i, (record, _) in enumerate(records)]
+    tensors = {entry.tensor: maps.astype(np.float16) for entry, (_, maps) in zip(entries, records)}
     header = {
-        "records": [record.__dict__ for record, _ in records],
+        "records": [entry.__dict__ for entry in entries],
         "errors": [{"id": record_id, "reason": reason} for record_id, reason in errors],
     }
     data = save(tensors, metadata={HEADER_KEY: json.dumps(header, ensure_ascii=False)})
-    _write_atomic(Path(root) / SHARDS / shard_name(index), data)
+    write_atomic(Path(root) / SHARDS / shard_name(index), data)
 
 
 class TargetStore:
     """Read access to a target store folder (see the module docstring for the layout)."""
 
     def __init__(self, root: str | Path) -> None:
-        from safetensors import safe_open
-
         self.root = Path(root)
         if not (self.root / METADATA).exists():
             raise FileNotFoundError(f"{self.root}: not a target store (no {METADATA}); write one with `lavender targets`")
-        self.metadata: dict[str, Any] = json.loads((self.root / METADATA).read_text())
+        self.metadata: dict[str, Any] = _read_metadata(self.root / METADATA)
         self._records: dict[str, tuple[Path, ShardRecord]] = {}
         self._errors: list[tuple[str, str]] = []
         self.shards = sorted(finished_shards(self.root))
         for index in self.shards:
             path = self.root / SHARDS / shard_name(index)
-            with safe_open(str(path), framework="numpy") as handle:
-                header = json.loads(handle.metadata()[HEADER_KEY])
+            try:
+                header = read_shard_header(path)
+            except StoreDamaged as error:
+                raise StoreDamaged(f"{error}; re-run `lavender targets` with the same settings to redo it") from None
             for raw in header["records"]:
                 self._records[raw["id"]] = (path, ShardRecord(**raw))
             self._errors += [(error["id"], error["reason"]) for error in header["errors"]]
@@ -166,7 +197,7 @@ class TargetStore:
         record = self.record(record_id)
         path = self._records[record_id][0]
         with safe_open(str(path), framework="numpy") as handle:
-            maps = handle.get_tensor(record_id).astype(np.float32)
+            maps = handle.get_tensor(record.tensor_name).astype(np.float32)
         return {word["key"]: maps[i] for i, word in enumerate(record.words)}
 
     def words(self, record_id: str) -> list[dict]:

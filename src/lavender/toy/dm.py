@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -354,8 +353,12 @@ def _jsonable(config: DMConfig) -> dict:
 
 
 def _atomic_torch_save(path: Path, state: dict) -> None:
+    import io
+
     import torch
 
-    temporary = path.with_suffix(".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    from lavender.files import write_atomic
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())

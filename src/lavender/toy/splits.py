@@ -14,7 +14,6 @@ Layout of a world folder::
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,9 +111,9 @@ def _ordered(record: dict) -> dict:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    from lavender.files import write_atomic
+
+    write_atomic(path, text)
 
 
 def write_world(

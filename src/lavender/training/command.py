@@ -11,7 +11,6 @@ Multi-process: ``accelerate launch -m lavender train CONFIG.yaml`` (or torchrun)
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lavender.training.config import ConfigError, load_config, parse_overrides
+    from lavender.training.config import load_config, parse_overrides
+    from lavender.training.setup import train
 
-    try:
-        config = load_config(args.config, parse_overrides(list(args.overrides)))
-        from lavender.training.setup import train
-
-        train(config)
-    except ConfigError as error:
-        print(f"lavender train: {error}", file=sys.stderr)
-        return 2
+    train(load_config(args.config, parse_overrides(list(args.overrides))))  # errors: see lavender.cli
     return 0

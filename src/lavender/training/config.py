@@ -24,8 +24,11 @@ from typing import Any, Literal
 
 import yaml
 
+from lavender.errors import LavenderError
+
 TEXT_SIDES = ("answer", "question", "both")
-QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
+QUERY_ROWS = ("word", "predicting")
+DTYPES = ("bfloat16", "float16", "float32")  # a word's own token rows, or the rows that predict them
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).
@@ -43,8 +46,10 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(LavenderError, ValueError):
     """The configuration cannot be used; the message says which key and what to do."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -105,34 +110,78 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: hints.get(f.name) for f in dataclasses.fields(cls) if f.init}
 
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Strings from the command line (and YAML's ``1e-4``, which YAML reads as a string) to the field's type."""
-    if not isinstance(value, str):
-        if isinstance(value, int) and not isinstance(value, bool) and _accepts(annotation, float) and not _accepts(annotation, int):
-            return float(value)
-        return value
-    for kind in (bool, int, float):
-        if _accepts(annotation, kind) and not _accepts(annotation, str):
-            try:
-                if kind is bool:
-                    lowered = value.lower()
-                    if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                        raise ValueError
-                    return lowered in ("true", "1", "yes")
-                return kind(value)
-            except ValueError:
-                continue
-    if _accepts(annotation, list) and not _accepts(annotation, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
+_SCALARS = (bool, int, float, str, list, tuple, dict, type(None))
 
 
-def _accepts(annotation: Any, kind: type) -> bool:
-    if annotation is kind or typing.get_origin(annotation) is kind:
-        return True
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of a union annotation (``int | None`` → [int, NoneType]), else [annotation]."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return any(_accepts(arg, kind) for arg in typing.get_args(annotation))
-    return False
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """A value from YAML or the command line, checked against the field's type and converted.
+
+    Strings become booleans and numbers (YAML reads ``1e-4`` as a string); a list field takes a
+    list, one item, or the command line's ``a,b`` form. A value that fits none of the field's types
+    is a :class:`ConfigError` naming the key.
+    """
+    members = _members(annotation)
+    kinds = {typing.get_origin(m) or m for m in members}
+    if annotation is None or typing.Literal in kinds or not kinds <= set(_SCALARS):
+        return value  # choices are checked by name later; TrainingArguments checks its enums itself
+    if value is None:
+        if type(None) in kinds:
+            return None
+        raise ConfigError(f"{key}: a value is required, got null")
+    if isinstance(value, str) and str in kinds:
+        return value
+    if isinstance(value, bool):
+        if bool in kinds:
+            return value
+        if str in kinds:  # YAML's `resume_from_checkpoint: true`
+            return str(value).lower()
+    elif isinstance(value, (int, float)):
+        if int in kinds and (isinstance(value, int) or float not in kinds and value.is_integer()):
+            return int(value)
+        if float in kinds:
+            return float(value)
+        if str in kinds:
+            return str(value)
+    elif isinstance(value, str):
+        lowered = value.strip().lower()
+        if bool in kinds and lowered in ("true", "false", "yes", "no", "1", "0"):
+            return lowered in ("true", "yes", "1")
+        for kind in (int, float):
+            if kind in kinds:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    if list in kinds and not isinstance(value, dict):
+        listed = next(m for m in members if (typing.get_origin(m) or m) is list)
+        item = (typing.get_args(listed) or (Any,))[0]
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        items = value if isinstance(value, (list, tuple)) else [value]
+        return [_coerce(f"{key}[{index}]", entry, item) for index, entry in enumerate(items)]
+    if isinstance(value, dict) and dict in kinds:
+        return value
+    raise ConfigError(f"{key}: expected {_describe(members)}, got {value!r}")
+
+
+def _describe(members: list[Any]) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text", dict: "a mapping"}
+    described = []
+    for member in members:
+        kind = typing.get_origin(member) or member
+        if kind is list:
+            item = (typing.get_args(member) or (Any,))[0]
+            described.append(f"a list of {names.get(item, 'values')}s, e.g. a,b" if item is not str else "a list, e.g. a,b")
+        elif kind in names:
+            described.append(names[kind])
+    return " or ".join(dict.fromkeys(described)) or "another value"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -188,9 +237,10 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
             lines.append(f"  {key}{hint}")
         raise ConfigError("unknown config key(s):\n" + "\n".join(lines))
 
-    lavender_keys = {k: _coerce(v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
+    lavender_keys = {k: _coerce(k, v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
     training_keys = {**TRAINING_DEFAULTS}
-    training_keys.update({k: _coerce(v, training_types.get(k)) for k, v in keys.items() if k in training_names})
+    training_keys.update({k: _coerce(k, v, training_types.get(k)) for k, v in keys.items() if k in training_names})
+    _check_training(training_keys)
 
     lavender = LavenderArguments(**lavender_keys)
     if isinstance(lavender.lora_target_modules, str) and _NAME_LIST.fullmatch(lavender.lora_target_modules):
@@ -226,9 +276,10 @@ def _check_lavender(args: LavenderArguments) -> None:
         "aggregation": sorted(AGGREGATIONS),
         "aligner": sorted(ALIGNERS),
         "att_normalization": sorted(NORMALIZATIONS),
+        "dtype": DTYPES,
     }
     for name, allowed in choices.items():
-        if name == "att_normalization" and args.att_normalization is None:
+        if name in ("att_normalization", "dtype") and getattr(args, name) is None:
             continue
         if getattr(args, name) not in allowed:
             raise ConfigError(f"{name}: {getattr(args, name)!r} is not one of {', '.join(allowed)}")
@@ -240,8 +291,26 @@ def _check_lavender(args: LavenderArguments) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    if args.att_layers is not None and not all(isinstance(i, int) for i in args.att_layers):
-        raise ConfigError(f"att_layers must be a list of layer indices, got {args.att_layers!r}")
+    for name in ("att_resolution", "att_weight_decay_steps"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ConfigError(f"{name} must be positive, got {getattr(args, name)}")
+    if args.att_layers is not None and (not args.att_layers or min(args.att_layers) < 0):
+        raise ConfigError(f"att_layers must be layer indices >= 0 (e.g. 0,1), got {args.att_layers!r}")
+
+
+# TrainingArguments keys whose range TrainingArguments itself does not check
+_TRAINING_RANGES = {
+    "learning_rate": (0.0, "must be >= 0"),
+    "per_device_train_batch_size": (1, "must be at least 1"),
+    "gradient_accumulation_steps": (1, "must be at least 1"),
+    "num_train_epochs": (0.0, "must be >= 0"),
+}
+
+
+def _check_training(keys: dict[str, Any]) -> None:
+    for name, (low, rule) in _TRAINING_RANGES.items():
+        if name in keys and keys[name] < low:
+            raise ConfigError(f"{name} {rule}, got {keys[name]}")
 
 
 def lora_target_regex(target_modules: list[str] | str) -> str:

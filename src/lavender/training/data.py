@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavender.errors import LavenderError
 from lavender.images import ImageError, load_image
 from lavender.records import Record
 from lavender.training.config import QUERY_ROWS
@@ -48,7 +49,7 @@ class Example:
     keys: list[str]
 
 
-class SampleError(ValueError):
+class SampleError(LavenderError, ValueError):
     """A record cannot become a training sample; the message names it and says why."""
 
 
@@ -154,6 +155,8 @@ class LavenderDataset(torch.utils.data.Dataset):
         raise SampleError("no record of the training file could be read (see the warnings above)")
 
     def prepare(self, record: Record) -> Sample:
+        if record.invalid:
+            raise SampleError(record.invalid)
         try:
             image = load_image(record.image)
         except ImageError as error:

@@ -1,13 +1,16 @@
 """From a :class:`TrainConfig` to a ready :class:`LavenderTrainer`, every check done before step 0.
 
 Order: the target store (cheap, most often wrong), the model and its architecture, LoRA, the
-records, then one real batch through the collator, so a template or resolution problem surfaces
-now and not an hour into the run.
+records (and that the store's maps were made from their images), then the first samples through
+the collator, so a template, resolution or word-matching problem surfaces now and not an hour
+into the run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 from lavender.training.config import ConfigError, TrainConfig, lora_target_regex
@@ -116,11 +119,13 @@ def build_trainer(config: TrainConfig):
         head.requires_grad_(True)
 
     try:
-        records = read_records(args.train_file, args.image_root)
+        # a record with unusable fields is skipped with its reason when met, like an unreadable image
+        records = read_records(args.train_file, args.image_root, keep_invalid=True)
     except RecordError as error:
         raise ConfigError(str(error)) from None
     if not records:
         raise ConfigError(f"train_file {args.train_file} holds no records")
+    check_same_images(store, records, config)
     without_maps = sum(record.id not in store for record in records)
     if without_maps == len(records):
         raise ConfigError(
@@ -132,7 +137,7 @@ def build_trainer(config: TrainConfig):
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
     image_token = image_token_id(model.config)
     collator = LavenderCollator(processor, image_token, query_rows=args.att_rows)
-    collator([dataset[0]])  # one real batch: template, tokenizer and targets agree
+    check_words_match(dataset, collator, config)
 
     return LavenderTrainer(
         model=model,
@@ -148,6 +153,71 @@ def build_trainer(config: TrainConfig):
         aligner_warmup_steps=args.aligner_warmup_steps,
         att_every_n_steps=args.att_every_n_steps,
     )
+
+
+def check_same_images(store, records, config: TrainConfig) -> None:
+    """Refuse maps made from other images than the records' (another manifest with the same ids)."""
+    from lavender.teacher.run import image_reference
+
+    differing = []
+    for record in records:
+        if record.id not in store or record.invalid:
+            continue
+        stored, given = store.record(record.id).image, image_reference(record)
+        if stored and given and Path(stored).resolve() != Path(given):
+            differing.append((record.id, stored, given))
+    if differing:
+        record_id, stored, given = differing[0]
+        raise ConfigError(
+            f"targets_dir {config.lavender.targets_dir} was made from other images than train_file "
+            f"{config.lavender.train_file} ({len(differing)} record(s), e.g. {record_id!r}: maps of {stored}, "
+            f"train_file gives {given}); run `lavender targets` on this train_file"
+        )
+
+
+# how many records of the training file are checked for matched words before step 0
+WORD_CHECK_RECORDS = 16
+
+
+def check_words_match(dataset, collator, config: TrainConfig) -> None:
+    """Collate the first records (template, tokenizer and targets agree) and refuse when no word matched.
+
+    Without a matched word L_att is 0 at every step and the run is plain SFT; that is a wrong
+    ``att_text``, targets made from other text, or a tokenizer that splits words differently.
+    """
+    args = config.lavender
+    samples = [dataset[index] for index in range(min(len(dataset), WORD_CHECK_RECORDS))]
+    matched = int(collator(samples)["lavender_word_mask"].sum())
+    if matched == 0 and args.att_weight > 0:
+        raise ConfigError(
+            f"no word of the first {len(samples)} record(s) of {args.train_file} has a teacher map in "
+            f"{args.targets_dir}, so att_loss would be 0 at every step: check att_text ({args.att_text!r}) "
+            "and that the targets were made from this file's text"
+        )
+
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint-N`` whose save finished, None if there is none.
+
+    The Trainer writes ``trainer_state.json`` last (after the weights, the aligner, the optimizer
+    and the RNG states), so a folder without a readable one is a save that was cut off.
+    """
+    folders = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = _CHECKPOINT.fullmatch(path.name)
+        if match and path.is_dir():
+            folders.append((int(match.group(1)), path))
+    for _, path in sorted(folders, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (its save was interrupted); resuming from an earlier checkpoint", path)
+            continue
+        return path
+    return None
 
 
 def _with_lora(model, config: TrainConfig):
@@ -177,14 +247,19 @@ def train(config: TrainConfig) -> Path:
     """
     import yaml
 
+    from lavender.files import write_atomic
+
     trainer = build_trainer(config)
     output = Path(config.training.output_dir)
     resume = config.training.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
+    if resume is True or isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = latest_complete_checkpoint(output)
+        if resume is None:
+            raise ConfigError(f"resume_from_checkpoint: {output} holds no complete checkpoint-N folder to resume from")
+        resume = str(resume)
     if trainer.args.should_save:
         output.mkdir(parents=True, exist_ok=True)
-        (output / "lavender_train.yaml").write_text(yaml.safe_dump(config.source, sort_keys=True))
+        write_atomic(output / "lavender_train.yaml", yaml.safe_dump(config.source, sort_keys=True))
     trainer.train(resume_from_checkpoint=resume)
     trainer.capture.close()  # the saved config names the model's own attention, not the capture's
 

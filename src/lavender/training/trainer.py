@@ -38,6 +38,7 @@ from lavender.alignment import (
     restrict_to_visible,
     visible_word_rows,
 )
+from lavender.files import file_stem, write_atomic
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
 
 HEAD_NAME = "lavender_head"
@@ -70,12 +71,10 @@ def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
 
 
 def save_head(head: AlignmentHead, directory: str | os.PathLike) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(directory) / HEAD_FILE
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in head.state_dict().items()}
-    save_file(state, str(path), metadata=head.describe())
-    return path
+    return write_atomic(Path(directory) / HEAD_FILE, save(state, metadata=head.describe()))
 
 
 def load_head(directory: str | os.PathLike) -> AlignmentHead:
@@ -307,7 +306,8 @@ class LavenderTrainer(Trainer):
             return
         teacher = targets[: len(keys)].float().cpu().numpy()
         vlm = predicted[: len(keys)].float().cpu().numpy()
-        path = Path(self.args.output_dir) / "figures" / f"maps_step_{step:07d}_{example.record_id}.png"
+        # a record id is data, not a path: `../../x` must not leave the figures folder
+        path = Path(self.args.output_dir) / "figures" / f"maps_step_{step:07d}_{file_stem(example.record_id)}.png"
         rows = {"teacher": dict(zip(keys, teacher)), "VLM": dict(zip(keys, vlm))}
         plot_word_maps(example.image, rows, path)
         self._report_figure(path, step)
