@@ -170,7 +170,7 @@ def test_head_gradients_reach_maps_and_aligner_and_detach_stops_them():
     maps = torch.rand(1, 2, 4, 3, 8, 8, requires_grad=True)
     rows = torch.tensor([[[0, 1], [2, -1]]])
     mask = torch.tensor([[True, True]])
-    out = head(maps, rows, mask)
+    out = head(word_maps(maps, rows), mask)
     assert out.shape == (2, 8, 8)
     assert 0.0 <= out.min() and out.max() <= 1.0
     attention_loss(out, torch.rand(2, 8, 8)).sum().backward()
@@ -178,7 +178,7 @@ def test_head_gradients_reach_maps_and_aligner_and_detach_stops_them():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
 
     maps.grad = None
-    head(maps, rows, mask, detach_maps=True).sum().backward()
+    head(word_maps(maps, rows), mask, detach_maps=True).sum().backward()
     assert maps.grad is None
 
 

@@ -29,9 +29,9 @@ def test_captured_rows_equal_eager_attention_and_output_is_unchanged(kind):
 
     torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
     assert model.config.vision_config._attn_implementation == "sdpa"  # vision tower untouched
-    recorded = capture._last.probs
+    recorded = capture._last.logits
     for layer in capture.layers:
-        got = recorded[layer]  # (B, H, Q, S)
+        got = recorded[layer].probabilities()  # (B, H, Q, S)
         assert got.dtype == torch.float32 and got.requires_grad
         for b, rows in enumerate(positions):
             rows = rows[rows >= 0]

@@ -6,7 +6,7 @@
 
 from lavender.alignment.aggregation import AGGREGATIONS, Aggregation, get_aggregation
 from lavender.alignment.aligners import ALIGNERS, ConvAligner, ParallelTextImageAttention, build_aligner
-from lavender.alignment.head import AlignmentHead, per_word_visibility, visible_word_rows, word_maps
+from lavender.alignment.head import AlignmentHead, per_word_visibility, visible_word_rows, word_maps, word_weights
 from lavender.alignment.loss import (
     NORMALIZATIONS,
     AttentionWeight,
@@ -32,4 +32,5 @@ __all__ = [
     "restrict_to_visible",
     "visible_word_rows",
     "word_maps",
+    "word_weights",
 ]

@@ -14,19 +14,25 @@ from lavender.alignment.aligners import HIDDEN_CHANNELS, ParallelTextImageAttent
 from lavender.alignment.loss import normalize_maps
 
 
+def word_weights(word_rows: torch.Tensor, queries: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(B, W, Q)``: row q's share in word w's mean (``word_rows (B, W, P)`` indices into Q,
+    -1 = padding). A word without rows gets all zeros."""
+    valid = word_rows >= 0
+    counts = torch.zeros(*word_rows.shape[:2], queries + 1, dtype=dtype, device=word_rows.device)
+    # padding rows land in the extra last column, dropped below
+    counts.scatter_add_(2, torch.where(valid, word_rows, queries), valid.to(dtype))
+    return counts[..., :queries] / counts[..., :queries].sum(-1, keepdim=True).clamp_min(1)
+
+
 def word_maps(maps: torch.Tensor, word_rows: torch.Tensor) -> torch.Tensor:
     """The mean map of each word's query rows.
 
-    ``maps (B, L, H, Q, R, R)``, ``word_rows (B, W, P)`` indices into Q (-1 = padding) →
-    ``(B, W, L, H, R, R)``. A word without rows gets zeros (it is masked out of the loss).
+    ``maps (B, L, H, Q, ...)`` (maps on the grid, or probabilities over keys), ``word_rows
+    (B, W, P)`` indices into Q (-1 = padding) → ``(B, W, L, H, ...)``. A word without rows gets
+    zeros (it is masked out of the loss).
     """
-    batch, _, _, queries, _, _ = maps.shape
-    valid = word_rows >= 0
-    one_hot = torch.zeros(*word_rows.shape[:2], queries + 1, dtype=maps.dtype, device=maps.device)
-    # padding rows land in the extra last column, dropped below
-    one_hot.scatter_add_(2, torch.where(valid, word_rows, queries), valid.to(maps.dtype))
-    weights = one_hot[..., :queries] / one_hot[..., :queries].sum(-1, keepdim=True).clamp_min(1)
-    return torch.einsum("bwq,blhqxy->bwlhxy", weights, maps)
+    weights = word_weights(word_rows.to(maps.device), maps.shape[3], maps.dtype)
+    return torch.einsum("bwq,blhq...->bwlh...", weights, maps)
 
 
 def visible_word_rows(
@@ -99,18 +105,23 @@ class AlignmentHead(nn.Module):
 
     def forward(
         self,
-        maps: torch.Tensor,
-        word_rows: torch.Tensor,
+        word_maps: torch.Tensor,
         word_mask: torch.Tensor,
         detach_maps: bool = False,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Normalised maps ``(N, R, R)`` of the N words where ``word_mask (B, W)`` is True; with
         ``visible`` (``(B, R, R)`` bool, the cells each sample's VLM sees) normalised over those
-        cells and 0 elsewhere."""
-        if maps.shape[2] != self.heads:
-            raise ValueError(f"the head was built for {self.heads} heads; the captured maps have {maps.shape[2]}")
-        per_word = word_maps(maps.float(), word_rows)[word_mask]
+        cells and 0 elsewhere.
+
+        ``word_maps (B, W, L, H, R, R)``: each word's mean captured map (``word_maps()`` of the
+        per-row maps, or ``AttentionCapture.word_maps``).
+        """
+        if word_maps.shape[3] != self.heads:
+            raise ValueError(
+                f"the head was built for {self.heads} heads; the captured maps have {word_maps.shape[3]}"
+            )
+        per_word = word_maps.float()[word_mask]
         if detach_maps:
             per_word = per_word.detach()
         if visible is not None:

@@ -314,10 +314,11 @@ def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> li
     visible = capture.visibility(inputs, size, image_sizes)  # (B, R, R): cells the VLM sees
     word_rows, word_mask = visible_word_rows(capture.query_mask.cpu(), word_rows, word_mask)
 
-    mean_maps = word_maps(maps, word_rows).mean(dim=(2, 3))[word_mask]
+    per_word = word_maps(maps, word_rows)  # (B, W, L, H, R, R)
+    mean_maps = per_word.mean(dim=(2, 3))[word_mask]
     kinds = {"raw": normalize_maps(mean_maps, "minmax", per_word_visibility(visible, word_mask))}
     if head is not None:
-        kinds["head"] = head.float()(maps, word_rows, word_mask, visible=visible)
+        kinds["head"] = head.float()(per_word, word_mask, visible=visible)
     owners = [(b, key) for b, sample in enumerate(samples) for w, key in enumerate(sample.keys) if word_mask[b, w]]
     result: list[dict[str, dict[str, np.ndarray]]] = [{kind: {} for kind in kinds} for _ in samples]
     for kind, predicted in kinds.items():

@@ -9,8 +9,15 @@ also computes the attention probabilities of the requested query rows over *all*
     probs = softmax(q[rows] · kᵀ · scaling + mask[rows])      in float32, with grad
 
 which is exactly the slice ``eager_attention_forward`` would produce, at a cost of
-O(rows × keys) instead of O(T × T). The softmax output is what autograd keeps for backward
-anyway, so holding it adds no memory beyond that.
+O(rows × keys) instead of O(T × T).
+
+During the forward only the inputs of that softmax are kept (the captured query rows, and the
+key and mask tensors the layer already holds); probabilities are computed when asked for.
+``word_maps`` goes further for training: per layer it averages each word's rows and places them
+on the grid inside one autograd function that keeps nothing of size rows × keys for backward and
+recomputes the probabilities there, one layer at a time. So capture memory does not grow with
+rows × keys × layers, which at Llama-3.2-11B shapes (8 layers × 32 heads × 6404 keys) would be
+~210 MB per layer for 256 rows.
 
 Gradient checkpointing (non-reentrant) re-runs a layer's forward during backward. The replay must
 perform the same operations as the original forward (torch checks the saved tensors), so it
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -29,6 +37,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
 
 ATTENTION_NAME = "lavender"
@@ -58,12 +67,27 @@ AttentionInterface.register(ATTENTION_NAME, lavender_attention)
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
+@dataclass
+class _Logits:
+    """What a layer's captured probabilities are computed from (see ``query_probabilities``)."""
+
+    query: torch.Tensor  # (B, H, Q, D) float32: the captured rows, with grad
+    key: torch.Tensor  # (B, H_kv, S, D) as the layer has it
+    mask: torch.Tensor | None  # the layer's attention mask, as SDPA gets it
+    rows: torch.Tensor  # (B, Q) the rows' sequence positions (padding clamped to 0)
+    scaling: float
+    causal: bool  # no mask, several queries, causal module: SDPA's is_causal rule
+
+    def probabilities(self) -> torch.Tensor:
+        return _softmax_rows(self.query, self.key, self.mask, self.rows, self.scaling, self.causal)
+
+
 class _Recording:
-    """What one ``record()`` collects: query positions in, per-layer probabilities out."""
+    """What one ``record()`` collects: query positions in, per-layer softmax inputs out."""
 
     def __init__(self, query_positions: torch.Tensor):
         self.query_positions = query_positions
-        self.probs: dict[int, torch.Tensor] = {}  # layer index → (B, H, Q, S) float32
+        self.logits: dict[int, _Logits] = {}  # layer index → what its (B, H, Q, S) rows come from
 
 
 class AttentionCapture:
@@ -131,6 +155,36 @@ class AttentionCapture:
         probs = self._recorded_probs(inputs, image)
         return self.adapter.place(probs, inputs, size, image_sizes, image)
 
+    def word_maps(
+        self,
+        inputs: dict,
+        word_rows: torch.Tensor,
+        size: int,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        image: int = 0,
+    ) -> torch.Tensor:
+        """Each word's mean map over its rows: (B, W, L, H, size, size), float32, with grad.
+
+        ``word_rows (B, W, P)`` index the recorded query rows (-1 = padding; a word without
+        rows gets zeros). Equals ``word_maps(capture.maps(...), word_rows)`` (placement is
+        linear, so averaging before it changes nothing), but its memory does not grow with
+        rows × keys: see the module docstring.
+        """
+        recording = self._checked_recording()
+        weights = word_weights(word_rows, recording.query_positions.shape[1])  # (B, W, Q)
+
+        def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
+            return self.adapter.place(word_probs[:, None], inputs, size, image_sizes, image)[:, 0]
+
+        maps = []
+        for layer in self.layers:
+            logits = recording.logits[layer]
+            maps.append(_WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
+                                        weights.to(logits.query.device), place, logits.scaling, logits.causal))
+        self._check_gradient(maps[0])
+        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
+        return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
+
     def grids(
         self, inputs: dict, image_sizes: Sequence[tuple[int, int]] | None = None, image: int = 0
     ) -> list[torch.Tensor | None]:
@@ -154,23 +208,30 @@ class AttentionCapture:
 
     def _recorded_probs(self, inputs: dict, image: int = 0) -> torch.Tensor:
         """(B, L, H, Q, S) probabilities of the latest recorded forward; sets ``query_mask``."""
+        recording = self._checked_recording()
+        probs = torch.stack([recording.logits[layer].probabilities() for layer in self.layers], dim=1)
+        self._check_gradient(probs)
+        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
+        return probs
+
+    def _checked_recording(self) -> _Recording:
         recording = self._recording or self._last
         if recording is None:
             raise RuntimeError("nothing recorded: run the model inside `with capture.record(positions):` first")
-        missing = [layer for layer in self.layers if layer not in recording.probs]
+        missing = [layer for layer in self.layers if layer not in recording.logits]
         if missing:
             raise RuntimeError(
                 f"layers {missing} did not run during the recorded forward; did the batch carry an image "
                 f"({self.adapter.image_inputs_hint})?"
             )
-        probs = torch.stack([recording.probs[layer] for layer in self.layers], dim=1)
-        if torch.is_grad_enabled() and self.model.training and not probs.requires_grad:
+        return recording
+
+    def _check_gradient(self, captured: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and self.model.training and not captured.requires_grad:
             raise RuntimeError(
                 "captured attention carries no gradient; with gradient checkpointing use "
                 "gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
-        self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
-        return probs
 
     def close(self) -> None:
         """Stop capturing and give the language model its previous attention implementation back."""
@@ -191,15 +252,15 @@ class AttentionCapture:
         recording = self._recording_for_this_call()
         if recording is None:
             return
-        if not recording.probs and int(recording.query_positions.max()) >= query.shape[2]:
+        if not recording.logits and int(recording.query_positions.max()) >= query.shape[2]:
             raise ValueError(
                 f"query position {int(recording.query_positions.max())} is outside the sequence "
                 f"of {query.shape[2]} tokens"
             )
-        probs = query_probabilities(module, query, key, attention_mask, scaling, is_causal, recording.query_positions)
+        logits = _softmax_inputs(module, query, key, attention_mask, scaling, is_causal, recording.query_positions)
         layer = module.layer_idx
-        if layer not in recording.probs:
-            recording.probs[layer] = probs
+        if layer not in recording.logits:
+            recording.logits[layer] = logits
         elif not _in_backward():
             raise RuntimeError(
                 f"layer {layer} ran twice inside one capture.record(): enter record() once per forward"
@@ -231,24 +292,53 @@ def query_probabilities(
     after RoPE and norms, before the grouped-query repeat. The mask follows SDPA's conventions so
     the probabilities are those of the output the model computes.
     """
-    batch, heads, _, head_dim = query.shape
-    kv_heads, kv_length = key.shape[1], key.shape[2]
-    rows = positions.clamp(min=0).to(query.device)
-    n_rows = rows.shape[1]
-    q = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, head_dim)).float()
-    # Grouped-query attention without repeat_kv: fold the query heads of a group into the rows.
-    q = q.view(batch, kv_heads, (heads // kv_heads) * n_rows, head_dim)
-    scaling = head_dim**-0.5 if scaling is None else scaling
-    logits = (q @ key.float().transpose(-1, -2) * scaling).view(batch, heads, n_rows, kv_length)
+    return _softmax_inputs(module, query, key, attention_mask, scaling, is_causal, positions).probabilities()
 
-    if attention_mask is None:
-        # SDPA's rule (sdpa_attention_forward): no mask + several queries + causal module → is_causal.
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if causal and query.shape[2] > 1:
-            keys = torch.arange(kv_length, device=logits.device)
-            visible = keys[None, None, None, :] <= rows[:, None, :, None]
-            logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
-    else:
+
+def _softmax_inputs(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    is_causal: bool | None,
+    positions: torch.Tensor,
+) -> _Logits:
+    """The captured rows of ``query`` (float32, gathered here: the one op on the layer's graph, so
+    a checkpoint replay repeats it) and what their softmax needs besides."""
+    batch, heads, _, head_dim = query.shape
+    rows = positions.clamp(min=0).to(query.device)
+    q = query.gather(2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], head_dim)).float()
+    # SDPA's rule (sdpa_attention_forward): no mask + several queries + causal module → is_causal.
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = attention_mask is None and bool(causal) and query.shape[2] > 1
+    return _Logits(q, key, attention_mask, rows, head_dim**-0.5 if scaling is None else scaling, causal)
+
+
+def _softmax_rows(
+    q: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    scaling: float,
+    causal: bool,
+) -> torch.Tensor:
+    """(B, H, Q, S) float32 softmax of the query rows ``q`` (B, H, Q, D) at sequence positions ``rows``."""
+    with torch.autocast(q.device.type, enabled=False):  # float32 inside a mixed-precision forward too
+        return _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal)
+
+
+def _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal) -> torch.Tensor:
+    batch, heads, n_rows, head_dim = q.shape
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    # Grouped-query attention without repeat_kv: fold the query heads of a group into the rows.
+    q = q.reshape(batch, kv_heads, (heads // kv_heads) * n_rows, head_dim)
+    logits = (q @ key.float().transpose(-1, -2) * scaling).view(batch, heads, n_rows, kv_length)
+    if causal:
+        keys = torch.arange(kv_length, device=logits.device)
+        visible = keys[None, None, None, :] <= rows[:, None, :, None]
+        logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
+    elif attention_mask is not None:
         mask = attention_mask.expand(batch, -1, -1, -1)
         mask = mask.gather(2, rows[:, None, :, None].expand(batch, mask.shape[1], n_rows, kv_length))
         if mask.dtype == torch.bool:
@@ -257,6 +347,38 @@ def query_probabilities(
         else:
             logits = logits + mask.float()
     return logits.softmax(dim=-1)
+
+
+class _WordMaps(torch.autograd.Function):
+    """One layer: softmax rows → each word's mean row → placed on the grid, (B, H, W, R, R).
+
+    Saves only the inputs for backward and recomputes the rest there (as a checkpoint does), but
+    also runs that layer's backward at once, so no layer's rows × keys tensors wait for the others.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, mask, rows, weights, place, scaling, causal):
+        ctx.save_for_backward(query, key, mask, rows, weights)
+        ctx.place, ctx.scaling, ctx.causal = place, scaling, causal
+        return _place_words(query, key, mask, rows, weights, place, scaling, causal)
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, mask, rows, weights = ctx.saved_tensors
+        wanted = [t.detach().requires_grad_(needed) for t, needed in zip((query, key), ctx.needs_input_grad)]
+        needs = [tensor for tensor in wanted if tensor.requires_grad]
+        grads = iter(())
+        if needs:
+            with torch.enable_grad():
+                maps = _place_words(*wanted, mask, rows, weights, ctx.place, ctx.scaling, ctx.causal)
+                grads = iter(torch.autograd.grad(maps, needs, grad))
+        grad_query, grad_key = (next(grads) if tensor.requires_grad else None for tensor in wanted)
+        return grad_query, grad_key, None, None, None, None, None, None
+
+
+def _place_words(query, key, mask, rows, weights, place, scaling, causal) -> torch.Tensor:
+    probs = _softmax_rows(query, key, mask, rows, scaling, causal)  # (B, H, Q, S)
+    return place(weights[:, None] @ probs)  # (B, H, W, S) → (B, H, W, R, R)
 
 
 def _in_backward() -> bool:

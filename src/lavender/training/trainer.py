@@ -37,6 +37,7 @@ from lavender.alignment import (
     per_word_visibility,
     restrict_to_visible,
     visible_word_rows,
+    word_maps,
 )
 from lavender.files import file_stem, write_atomic
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
@@ -189,22 +190,24 @@ class LavenderTrainer(Trainer):
             return None
         self._request = None  # one alignment per forward; plain forwards (generation, eval) pass through
         model_inputs = kwargs  # the Trainer (and PEFT after it) call the model with keywords only
-        if self.head.parallel is None:
-            maps = self.capture.maps(model_inputs, size=self.resolution, image_sizes=request.image_sizes)
-            query_mask = self.capture.query_mask
-        else:
-            image_mask = model_inputs["input_ids"] == self.image_token_id
-            probs = self.head.parallel_probs(outputs.hidden_states, request.query_positions, image_mask)
-            maps = self.capture.adapter.place(probs, model_inputs, self.resolution, request.image_sizes)
-            query_mask = self.capture.adapter.query_mask(model_inputs, request.query_positions)
-
+        adapter = self.capture.adapter
+        query_mask = adapter.query_mask(model_inputs, request.query_positions)
         rows, word_mask = visible_word_rows(
             query_mask & (request.query_positions >= 0), request.word_rows, request.word_mask
         )
+        # Words are averaged over their rows before placement on the grid (placement is linear):
+        # memory then grows with words × grid, not rows × grid.
+        if self.head.parallel is None:
+            maps = self.capture.word_maps(model_inputs, rows, self.resolution, request.image_sizes)
+        else:
+            image_mask = model_inputs["input_ids"] == self.image_token_id
+            probs = self.head.parallel_probs(outputs.hidden_states, request.query_positions, image_mask)
+            per_word = word_maps(probs, rows).permute(0, 2, 3, 1, 4)  # (B, L, H, W, S): words as rows
+            maps = adapter.place(per_word, model_inputs, self.resolution, request.image_sizes).permute(0, 3, 1, 2, 4, 5)
 
         # both maps cover the whole image; cells the VLM's processor cut off are left out
         visible = self.capture.visibility(model_inputs, self.resolution, request.image_sizes).to(maps.device)
-        predicted = self.head(maps, rows, word_mask, detach_maps=request.detach_maps, visible=visible)
+        predicted = self.head(maps, word_mask, detach_maps=request.detach_maps, visible=visible)
         visible = per_word_visibility(visible, word_mask)
         targets = restrict_to_visible(request.targets[word_mask].to(predicted.dtype), visible, self.head.normalization)
         per_word = attention_loss(predicted, targets, visible)

@@ -1,0 +1,88 @@
+"""``AttentionCapture.word_maps``: words averaged before placement equal words averaged after it,
+in value and gradient, while holding no rows × keys tensors for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from lavender.alignment import word_maps
+from lavender.student import AttentionCapture, get_adapter
+from student_helpers import KINDS, tiny_batch
+
+# per sample, words as rows of the capture's 4 positions (-1 = padding); a word without rows too
+WORD_ROWS = torch.tensor([[[0, 2, -1], [1, -1, -1], [-1, -1, -1]], [[0, 2, 3], [2, -1, -1], [3, 1, -1]]])
+IMAGE_SIZES = [(60, 100), (130, 60)]
+
+
+def keys_of(model, inputs) -> int:
+    """Keys of a captured layer: what the adapter places."""
+    capture = AttentionCapture(model)
+    with torch.no_grad(), capture.record(torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.long)):
+        model(**inputs)
+    keys = capture._last.logits[capture.layers[0]].key.shape[2]
+    capture.close()
+    return keys
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_placing_word_means_equals_averaging_placed_rows_in_float64(kind):
+    model, inputs, _ = tiny_batch(kind)
+    adapter = get_adapter(model)
+    probs = torch.rand(2, 2, 3, 4, keys_of(model, inputs), dtype=torch.float64)  # B, L, H, Q, S
+
+    place_then_mean = word_maps(adapter.place(probs, inputs, 7, IMAGE_SIZES), WORD_ROWS)
+    words_as_rows = word_maps(probs, WORD_ROWS).permute(0, 2, 3, 1, 4)  # (B, L, H, W, S)
+    mean_then_place = adapter.place(words_as_rows, inputs, 7, IMAGE_SIZES).permute(0, 3, 1, 2, 4, 5)
+
+    assert place_then_mean.dtype == mean_then_place.dtype == torch.float64
+    assert place_then_mean.abs().sum() > 0
+    torch.testing.assert_close(mean_then_place, place_then_mean, rtol=0, atol=1e-12)
+
+
+def lora(model):
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|k_proj)")
+    return get_peft_model(model, config)
+
+
+def grads_of(model, inputs, positions, per_word: bool, weights: torch.Tensor):
+    capture = AttentionCapture(model)
+    with capture.record(positions):
+        model(**inputs)
+    if per_word:
+        maps = capture.word_maps(inputs, WORD_ROWS, size=5, image_sizes=IMAGE_SIZES)
+    else:
+        maps = word_maps(capture.maps(inputs, size=5, image_sizes=IMAGE_SIZES), WORD_ROWS)
+    (maps * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    capture.close()
+    return maps.detach(), grads
+
+
+@pytest.mark.parametrize("kind,checkpointing", [("llava", False), ("mllama", False), ("qwen2_vl", False),
+                                                ("mllama", True)])
+def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, checkpointing):
+    base, inputs, positions = tiny_batch(kind)
+    model = lora(base)
+    for name, parameter in model.named_parameters():  # LoRA B starts at zero: give it a gradient path
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    heads = model.config.get_text_config().num_attention_heads
+    layers = len(AttentionCapture(model).layers)
+    weights = torch.randn(2, 3, layers, heads, 5, 5, generator=torch.Generator().manual_seed(0))
+
+    expected_maps, expected = grads_of(copy.deepcopy(model), inputs, positions, False, weights)
+    maps, got = grads_of(model, inputs, positions, True, weights)
+
+    assert maps.shape == (2, 3, layers, heads, 5, 5)
+    torch.testing.assert_close(maps, expected_maps, rtol=0, atol=1e-6)
+    assert expected.keys() == got.keys() and expected
+    assert any(grad.abs().sum() > 0 for grad in expected.values())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
