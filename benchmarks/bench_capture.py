@@ -1,20 +1,30 @@
 """Step time and peak memory of attention capture: plain SFT vs Lavender's capture vs eager.
 
-Three ways to run one training step (forward, loss, backward) on the same model and batch:
+Four ways to run one training step (forward, loss, backward) on the same model and batch:
 
   plain     SDPA attention, language-model loss only (what SFT costs);
-  lavender  SDPA plus ``AttentionCapture``: the captured rows are placed on the image grid, and an
-            MSE against a fixed target map is added to the loss;
+  lavender  SDPA plus ``AttentionCapture`` as the trainer uses it: each word's rows (two rows per
+            word) are averaged and placed on the image grid (``capture.word_maps``), the alignment
+            head (mean aggregation, sim aligner) maps them, and λ·MSE against fixed targets is added;
+  rows      the same, but every row is placed on the grid before words are averaged
+            (``capture.maps``; how the trainer did it before ``word_maps``);
   eager     ``output_attentions=True`` with eager attention, as the Lavender authors did: the same
-            rows are sliced from the full T×T (or T×image) maps, same placement and loss.
+            rows are sliced from the full T×T (or T×image) maps, then as ``rows``.
 
 Each mode runs in its own subprocess, so the peak memory of one does not hide another's
-(CPU: peak resident set size from ``resource``; CUDA: ``torch.cuda.max_memory_allocated``).
+(CPU: peak resident set size, VmHWM, reset after the warm-up step; CUDA: ``torch.cuda.max_memory_allocated``).
 Step time is the fastest of ``--steps`` steps after a warm-up: wall time on CUDA; on CPU the
 process time of a single thread, since a shared machine makes wall time meaningless.
 
     python benchmarks/bench_capture.py                       # CPU: small LLaVA- and Mllama-shaped models
+    python benchmarks/bench_capture.py --models mllama-11b-layers --lora --device cpu   # CPU: 1/8 of 11B
     python benchmarks/bench_capture.py --mllama-11b          # GPU: Llama-3.2-11B-Vision shapes, bf16, LoRA
+
+``mllama-11b-layers`` is an eighth of Llama-3.2-11B-Vision at real width: 5 text layers of which
+one is cross-attention (the real model has 8 of 40), 4 + 1 vision layers (of 32 + 8), an eighth of
+the vocabulary; 4 tiles (6404 keys), 512 text tokens, 256 captured rows, bf16. Every part of the
+model shrinks by the same factor, so the ratios estimate those of the whole model. The 11B shapes
+capture 256 rows (128 words); the small ones 32.
 
 Random weights throughout: speed and memory do not depend on them.
 """
@@ -26,8 +36,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-MODES = ("plain", "lavender", "eager")
+MODES = ("plain", "lavender", "rows", "eager")
 
 
 def build(model_name: str, device: str):
@@ -59,7 +70,13 @@ def build(model_name: str, device: str):
         if model_name == "mllama-11b":  # Llama-3.2-11B-Vision
             vision = MllamaVisionConfig(image_size=560)
             text = MllamaTextConfig()
-            dtype, text_tokens = torch.bfloat16, 512
+            dtype, text_tokens, queries = torch.bfloat16, 512, 256
+        elif model_name == "mllama-11b-layers":  # an eighth of it at real width (see the docstring)
+            vision = MllamaVisionConfig(image_size=560, num_hidden_layers=4, num_global_layers=1,
+                                        intermediate_layers_indices=[0, 1, 2, 3, 3])  # 5 taps: real projector
+            text = MllamaTextConfig(vocab_size=128256 // 8, num_hidden_layers=5, cross_attention_layers=[3],
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+            dtype, text_tokens, queries = torch.bfloat16, 512, 256
         else:  # real tile geometry (560 px, 1601 keys per tile, 4 tiles) on a narrow model
             vision = MllamaVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_global_layers=1, attention_heads=2, image_size=560,
@@ -110,6 +127,7 @@ def build(model_name: str, device: str):
 def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) -> dict:
     import torch
 
+    from lavender.alignment import AlignmentHead, attention_loss, visible_word_rows, word_maps
     from lavender.student import AttentionCapture
 
     model, inputs, positions = build(model_name, device)
@@ -126,21 +144,34 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
     elif mode == "eager":
         capture.close()
         model.set_attn_implementation("eager")
-    target = torch.rand(1, positions.shape[1], 32, 32, device=device)
+    words = positions.shape[1] // 2
+    word_rows = torch.arange(2 * words, device=device).view(1, words, 2)  # two rows per word
+    head = AlignmentHead(heads=model.config.get_text_config().num_attention_heads).to(device)
+    targets = torch.rand(words, 32, 32, device=device)
+
+    def attention_loss_of(maps):  # (B, W, L, H, 32, 32) → λ·mean MSE, as the trainer forms it
+        query_mask = adapter.query_mask(inputs, positions)
+        all_words = torch.ones(1, words, dtype=torch.bool, device=device)
+        _, word_mask = visible_word_rows(query_mask, word_rows, all_words)
+        predicted = head(maps, word_mask)
+        return 10 * attention_loss(predicted, targets[word_mask[0]]).mean()
 
     def step():
         if mode == "plain":
             loss = model(**inputs).loss
-        elif mode == "lavender":
+        elif mode in ("lavender", "rows"):
             with capture.record(positions):
                 outputs = model(**inputs)
-            maps = capture.maps(inputs, size=32).mean(dim=(1, 2))
-            loss = outputs.loss + 10 * torch.nn.functional.mse_loss(maps, target)
+            if mode == "lavender":
+                maps = capture.word_maps(inputs, word_rows, 32)
+            else:
+                maps = word_maps(capture.maps(inputs, size=32), word_rows)
+            loss = outputs.loss + attention_loss_of(maps)
         else:
             outputs = model(**inputs, output_attentions=True)
             rows = torch.stack([outputs.attentions[layer][:, :, positions[0]] for layer in layers], dim=1)
-            maps = adapter.place(rows.float(), inputs, 32).mean(dim=(1, 2))
-            loss = outputs.loss + 10 * torch.nn.functional.mse_loss(maps, target)
+            maps = word_maps(adapter.place(rows.float(), inputs, 32), word_rows)
+            loss = outputs.loss + attention_loss_of(maps)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -154,8 +185,11 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
     if device == "cpu":
         torch.set_num_threads(1)
     step()  # warm-up
+    # the peak of the timed steps, not of building the model
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
     times = []
     for _ in range(steps):
         sync()
@@ -166,9 +200,8 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        status = Path("/proc/self/status").read_text()
+        peak = int(status.split("VmHWM:")[1].split()[0]) / 1024  # KiB
     # best of N: on a shared machine other work only ever adds time
     return {"mode": mode, "step_s": min(times), "peak_mib": peak}
 
@@ -176,8 +209,9 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["llava-small", "mllama-small"],
-                        help="llava-small, mllama-small, mllama-11b (default: %(default)s)")
+                        help="llava-small, mllama-small, mllama-11b-layers, mllama-11b (default: %(default)s)")
     parser.add_argument("--mllama-11b", action="store_true", help="Llama-3.2-11B-Vision shapes, bf16, LoRA (GPU)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (the fastest is reported)")
     parser.add_argument("--lora", action="store_true", help="LoRA r=8 on q/v of the language model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -199,7 +233,7 @@ def main() -> None:
     print(f"{'model':14s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'mem ×plain':>10s}")
     for model_name in args.models:
         results = {}
-        for mode in MODES:
+        for mode in args.modes:
             command = [sys.executable, __file__, "--mode", mode, "--models", model_name, "--steps", str(args.steps),
                        "--device", args.device] + (["--lora"] if args.lora else [])
             done = subprocess.run(command, capture_output=True, text=True)

@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from lavender.alignment import word_maps
 from lavender.student import AttentionCapture, get_adapter
+from lavender.student import capture as capture_module
 from student_helpers import KINDS, tiny_batch
 
 # per sample, words as rows of the capture's 4 positions (-1 = padding); a word without rows too
@@ -62,9 +63,13 @@ def grads_of(model, inputs, positions, per_word: bool, weights: torch.Tensor):
     return maps.detach(), grads
 
 
-@pytest.mark.parametrize("kind,checkpointing", [("llava", False), ("mllama", False), ("qwen2_vl", False),
-                                                ("mllama", True)])
-def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, checkpointing):
+@pytest.mark.parametrize("kind,checkpointing,chunk_bytes", [
+    ("llava", False, None), ("mllama", False, None), ("qwen2_vl", False, None),
+    ("mllama", True, None), ("llava", False, 1), ("mllama", False, 1),  # 1 byte: one key head per chunk
+])
+def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, checkpointing, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(capture_module, "CHUNK_BYTES", chunk_bytes)
     base, inputs, positions = tiny_batch(kind)
     model = lora(base)
     for name, parameter in model.named_parameters():  # LoRA B starts at zero: give it a gradient path

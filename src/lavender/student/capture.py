@@ -349,31 +349,72 @@ def _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal) -> torc
     return logits.softmax(dim=-1)
 
 
+# Rows × keys float32 per chunk of heads that ``word_maps`` works on at once: its transient memory.
+CHUNK_BYTES = 32 * 2**20
+
+
 class _WordMaps(torch.autograd.Function):
     """One layer: softmax rows → each word's mean row → placed on the grid, (B, H, W, R, R).
 
-    Saves only the inputs for backward and recomputes the rest there (as a checkpoint does), but
-    also runs that layer's backward at once, so no layer's rows × keys tensors wait for the others.
+    Saves only its inputs for backward and recomputes the rest there (as a checkpoint does), one
+    layer at a time and a few heads at a time, so no rows × keys tensor outlives its chunk.
     """
 
     @staticmethod
     def forward(ctx, query, key, mask, rows, weights, place, scaling, causal):
         ctx.save_for_backward(query, key, mask, rows, weights)
         ctx.place, ctx.scaling, ctx.causal = place, scaling, causal
-        return _place_words(query, key, mask, rows, weights, place, scaling, causal)
+        return torch.cat(
+            [
+                _place_words(*_heads(query, key, mask, chunk), rows, weights, place, scaling, causal)
+                for chunk in _head_chunks(query, key)
+            ],
+            dim=1,
+        )
 
     @staticmethod
     def backward(ctx, grad):
         query, key, mask, rows, weights = ctx.saved_tensors
-        wanted = [t.detach().requires_grad_(needed) for t, needed in zip((query, key), ctx.needs_input_grad)]
-        needs = [tensor for tensor in wanted if tensor.requires_grad]
-        grads = iter(())
-        if needs:
+        need_query, need_key = ctx.needs_input_grad[:2]
+        grad_query, grad_key = [], []
+        for chunk in _head_chunks(query, key):
+            q, k, m = _heads(query, key, mask, chunk)
+            q, k = q.detach().requires_grad_(need_query), k.detach().requires_grad_(need_key)
+            needs = [tensor for tensor in (q, k) if tensor.requires_grad]
+            if not needs:
+                break
             with torch.enable_grad():
-                maps = _place_words(*wanted, mask, rows, weights, ctx.place, ctx.scaling, ctx.causal)
-                grads = iter(torch.autograd.grad(maps, needs, grad))
-        grad_query, grad_key = (next(grads) if tensor.requires_grad else None for tensor in wanted)
+                maps = _place_words(q, k, m, rows, weights, ctx.place, ctx.scaling, ctx.causal)
+                grads = list(torch.autograd.grad(maps, needs, grad[:, _query_heads(query, key, chunk)]))
+            if need_query:
+                grad_query.append(grads.pop(0))
+            if need_key:
+                grad_key.append(grads.pop(0))
+        grad_query = torch.cat(grad_query, dim=1) if grad_query else None
+        grad_key = torch.cat(grad_key, dim=1) if grad_key else None
         return grad_query, grad_key, None, None, None, None, None, None
+
+
+def _head_chunks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
+    """Slices of key heads (each with its group of query heads) of about ``CHUNK_BYTES`` of probabilities."""
+    batch, heads, rows, _ = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    per_key_head = batch * (heads // kv_heads) * rows * keys * 4
+    step = max(1, CHUNK_BYTES // max(per_key_head, 1))
+    return [slice(start, min(start + step, kv_heads)) for start in range(0, kv_heads, step)]
+
+
+def _query_heads(query: torch.Tensor, key: torch.Tensor, chunk: slice) -> slice:
+    group = query.shape[1] // key.shape[1]
+    return slice(chunk.start * group, chunk.stop * group)
+
+
+def _heads(query, key, mask, chunk: slice):
+    """The query rows, keys and mask of the key heads ``chunk``."""
+    heads = _query_heads(query, key, chunk)
+    if mask is not None and mask.shape[1] > 1:  # a per-head mask
+        mask = mask[:, heads]
+    return query[:, heads], key[:, chunk], mask
 
 
 def _place_words(query, key, mask, rows, weights, place, scaling, causal) -> torch.Tensor:
