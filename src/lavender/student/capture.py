@@ -419,7 +419,18 @@ def _heads(query, key, mask, chunk: slice):
 
 def _place_words(query, key, mask, rows, weights, place, scaling, causal) -> torch.Tensor:
     probs = _softmax_rows(query, key, mask, rows, scaling, causal)  # (B, H, Q, S)
-    return place(weights[:, None] @ probs)  # (B, H, W, S) → (B, H, W, R, R)
+    return place(_word_means(probs, weights))  # (B, H, W, S) → (B, H, W, R, R)
+
+
+def _word_means(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights (B, W, Q) @ probs (B, H, Q, S)`` → (B, H, W, S), summing only the rows each word
+    has: a word has a handful of rows, so the dense product would be mostly multiplications by 0."""
+    batch, heads, queries, keys = probs.shape
+    sample, word, row = weights.nonzero(as_tuple=True)
+    picked = probs[sample, :, row] * weights[sample, word, row][:, None, None]  # (pairs, H, S)
+    out = probs.new_zeros(batch * weights.shape[1], heads, keys)
+    out = out.index_add(0, sample * weights.shape[1] + word, picked)
+    return out.view(batch, weights.shape[1], heads, keys).transpose(1, 2)
 
 
 def _in_backward() -> bool:
