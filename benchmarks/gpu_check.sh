@@ -42,7 +42,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     export PYTHONPATH="/tmp/site:$PYTHONPATH"
     # diffusers needs huggingface_hub ≥ 1.32 and safetensors ≥ 0.8: carried as a fallback, used only if needed
     if ! "$PYTHON" -c "import diffusers" > /dev/null 2>&1 && ls .whl/fallback/*.whl > /dev/null 2>&1; then
-        step fallback 30 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        step fallback 20 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --target /tmp/site-fallback .whl/fallback/*.whl
         export PYTHONPATH="/tmp/site:/tmp/site-fallback:${PYTHONPATH#/tmp/site:}"
     fi
@@ -71,7 +71,7 @@ PY"
 CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 # 3. the CUDA tests (they skip themselves without a GPU)
-step tests 110 "$PYTHON" -m pytest -p no:cacheprovider -m cuda -v -s -rs tests/test_cuda.py
+step tests 100 "$PYTHON" -m pytest -p no:cacheprovider -m cuda -v -s -rs tests/test_cuda.py
 
 # 4. capture: plain SFT vs capture (per word, per row) vs eager at Llama-3.2-11B-Vision shapes, bf16, LoRA
 if [ "$CUDA" = 1 ]; then
@@ -82,7 +82,7 @@ fi
 
 # 5. teacher extraction at SD-1.4 shapes, fp16
 if [ "$CUDA" = 1 ]; then
-    step targets 120 "$PYTHON" benchmarks/bench_targets.py --sd14
+    step targets 110 "$PYTHON" benchmarks/bench_targets.py --sd14
 else
     skip targets "no CUDA"
 fi
