@@ -14,6 +14,7 @@ import torch
 
 from lavender.alignment import word_maps
 from lavender.student import AttentionCapture
+from lavender.tiny.vlm import build_tiny_vlm
 from student_helpers import KINDS, tiny_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -76,7 +77,7 @@ def test_word_maps_on_cuda_equal_the_cpu_in_value_and_gradient(kind):
         model, inputs, positions = tiny_batch(kind)
         model = model.to(device).train()
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        capture = AttentionCapture(model)
+        capture = AttentionCapture(model, processor=build_tiny_vlm(kind, 0)[1])
         with capture.record(positions.to(device)):
             model(**inputs)
         maps = capture.word_maps(inputs, WORD_ROWS.to(device), size=5, image_sizes=[(60, 100), (130, 60)])

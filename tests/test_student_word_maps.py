@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from lavender.alignment import word_maps
 from lavender.student import AttentionCapture, get_adapter
 from lavender.student import capture as capture_module
+from lavender.tiny.vlm import build_tiny_vlm
 from student_helpers import KINDS, tiny_batch
 
 # per sample, words as rows of the capture's 4 positions (-1 = padding); a word without rows too
@@ -32,7 +33,7 @@ def keys_of(model, inputs) -> int:
 @pytest.mark.parametrize("kind", KINDS)
 def test_placing_word_means_equals_averaging_placed_rows_in_float64(kind):
     model, inputs, _ = tiny_batch(kind)
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, build_tiny_vlm(kind, 0)[1])  # the processor: placement on the whole image
     probs = torch.rand(2, 2, 3, 4, keys_of(model, inputs), dtype=torch.float64)  # B, L, H, Q, S
 
     place_then_mean = word_maps(adapter.place(probs, inputs, 7, IMAGE_SIZES), WORD_ROWS)
@@ -49,8 +50,8 @@ def lora(model):
     return get_peft_model(model, config)
 
 
-def grads_of(model, inputs, positions, per_word: bool, weights: torch.Tensor):
-    capture = AttentionCapture(model)
+def grads_of(model, processor, inputs, positions, per_word: bool, weights: torch.Tensor):
+    capture = AttentionCapture(model, processor=processor)
     with capture.record(positions):
         model(**inputs)
     if per_word:
@@ -82,8 +83,9 @@ def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, c
     layers = len(AttentionCapture(model).layers)
     weights = torch.randn(2, 3, layers, heads, 5, 5, generator=torch.Generator().manual_seed(0))
 
-    expected_maps, expected = grads_of(copy.deepcopy(model), inputs, positions, False, weights)
-    maps, got = grads_of(model, inputs, positions, True, weights)
+    processor = build_tiny_vlm(kind, 0)[1]
+    expected_maps, expected = grads_of(copy.deepcopy(model), processor, inputs, positions, False, weights)
+    maps, got = grads_of(model, processor, inputs, positions, True, weights)
 
     assert maps.shape == (2, 3, layers, heads, 5, 5)
     torch.testing.assert_close(maps, expected_maps, rtol=0, atol=1e-6)
