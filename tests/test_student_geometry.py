@@ -117,7 +117,7 @@ def test_mllama_two_images_per_sample_rows_equal_eager_and_each_map_lands_on_its
     with torch.no_grad(), capture.record(rows):
         model(**inputs)
     for layer in capture.layers:
-        torch.testing.assert_close(capture._last.probs[layer][0], reference.attentions[layer][0][:, rows[0]],
+        torch.testing.assert_close(capture._last.logits[layer].probabilities()[0], reference.attentions[layer][0][:, rows[0]],
                                    rtol=0, atol=1e-5)
     capture.close()
 
