@@ -283,3 +283,15 @@ def test_cells_the_vlm_cannot_see_are_left_out_of_the_alignment_loss(world, llav
     torch.testing.assert_close(att_sum(hidden), reference)
     assert not torch.allclose(att_sum(seen), reference)
     trainer.capture.close()
+
+
+def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
+    """`lavender tiny qwen2_vl` then `lavender train`: the processor loads through transformers'
+    own Qwen2VLProcessor class (without torchvision: without its video processor)."""
+    from transformers import Qwen2VLProcessor
+
+    qwen = save_tiny_vlm("qwen2_vl", world[0] / "qwen2_vl")
+    config = build_config(_keys(world, qwen, "qwen2_vl_run", max_steps=2))
+    assert isinstance(build_trainer(config).processing_class, Qwen2VLProcessor)
+    logs = train_logs(train(config))
+    assert len(logs) == 2 and all(entry["words_matched"] > 0 and entry["att_loss"] > 0 for entry in logs)

@@ -23,7 +23,9 @@ def load_model(path: str | Path, base: str | Path | None = None, dtype: torch.dt
 
     The processor comes from ``path`` when it holds one (training saves it there), else from the base.
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.processors import load_processor
 
     path = Path(path)
     adapter_config = path / "adapter_config.json"
@@ -43,7 +45,7 @@ def load_model(path: str | Path, base: str | Path | None = None, dtype: torch.dt
         processor_source = path
     else:
         raise FileNotFoundError(f"{path}: neither a model folder (config.json) nor a PEFT adapter (adapter_config.json)")
-    processor = AutoProcessor.from_pretrained(processor_source)
+    processor = load_processor(processor_source)
     if not getattr(processor, "chat_template", None):
         raise ValueError(
             f"the processor in {processor_source} has no chat template; prompts are built with the model's own "

@@ -5,8 +5,9 @@ Each builder returns ``(model, processor)``: a real ``LlavaForConditionalGenerat
 kilobytes big, with a real image processor, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
-``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (Qwen2-VL's
-processor needs torchvision in transformers; see ``Qwen2VLImageTextProcessor``).
+``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
+torchvision, Qwen2-VL's processor is built and loaded without its video processor:
+:mod:`lavender.processors`).
 
 The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
@@ -176,6 +177,8 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     )
     from transformers.utils import is_torchvision_available
 
+    from lavender.processors import image_only
+
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
     tokenizer = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>")
@@ -183,11 +186,12 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
         "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>ROLE\\n", "<|im_end|>\\n"
     )
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
-    tokenizer.chat_template = template
     if is_torchvision_available():
-        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+        from transformers import Qwen2VLVideoProcessor
+
+        processor = Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(), chat_template=template)
     else:
-        processor = Qwen2VLImageTextProcessor(image_processor, tokenizer)
+        processor = image_only(Qwen2VLProcessor)(image_processor, tokenizer, chat_template=template)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
@@ -204,53 +208,6 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
         vision_end_token_id=ids("<|vision_end|>"),
     )
     return _seeded(seed, Qwen2VLForConditionalGeneration, config), processor
-
-
-class Qwen2VLImageTextProcessor:
-    """What ``Qwen2VLProcessor`` does for images and text, for environments without torchvision.
-
-    transformers' ``Qwen2VLProcessor`` always carries a video processor, and video processors
-    need torchvision; this stand-in covers the image path only. Saved folders hold the tokenizer
-    (with the chat template) and the image processor, so ``AutoProcessor`` loads them as a real
-    ``Qwen2VLProcessor`` wherever torchvision is installed.
-    """
-
-    image_token = "<|image_pad|>"
-
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.chat_template = tokenizer.chat_template
-
-    def apply_chat_template(self, messages, **kwargs):
-        kwargs.setdefault("tokenize", False)
-        return self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def __call__(self, images=None, text=None, return_tensors="pt", **tokenizer_kwargs):
-        from transformers import BatchFeature
-
-        texts = [text] if isinstance(text, str) else list(text)
-        image_inputs = {}
-        if images is not None:
-            image_inputs = dict(self.image_processor(images=images, return_tensors="pt"))
-            tokens_per_image = iter(
-                (image_inputs["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
-            )
-            # Expand each placeholder to its image's token count, in reading order.
-            texts = [self._expand(text, tokens_per_image) for text in texts]
-        encoded = dict(self.tokenizer(texts, return_tensors=return_tensors, **tokenizer_kwargs))
-        image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        # M-RoPE needs to know which tokens are image tokens (1) and which are text (0).
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == image_token_id).long()
-        return BatchFeature({**encoded, **image_inputs}, tensor_type=return_tensors)
-
-    def _expand(self, text: str, tokens_per_image) -> str:
-        first, *rest = text.split(self.image_token)
-        return first + "".join(self.image_token * next(tokens_per_image) + part for part in rest)
-
-    def save_pretrained(self, path):
-        self.image_processor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
 
 
 BUILDERS: dict[str, Callable] = {

@@ -63,13 +63,15 @@ def check_architecture(path: str) -> None:
 
 def load_model(config: TrainConfig):
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from lavender.processors import load_processor
 
     args = config.lavender
     path = args.model_name_or_path
     check_architecture(path)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation)
     return model, processor
 
