@@ -90,6 +90,11 @@ def test_lora_targets_are_scoped_to_the_language_model():
     assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
     assert not re.fullmatch(pattern, "model.language_model.layers.0.self_attn.k_proj")
     assert lora_target_regex(r".*\.q_proj") == r".*\.q_proj"  # a string is the user's own regex
+    both = lora_target_regex(["q_proj", "v_proj"], vision=True)
+    assert re.fullmatch(both, "model.language_model.layers.0.self_attn.q_proj")
+    assert re.fullmatch(both, "model.vision_model.transformer.layers.0.self_attn.v_proj")  # Mllama
+    assert re.fullmatch(both, "model.vision_tower.encoder.layers.1.self_attn.q_proj")  # LLaVA
+    assert not re.fullmatch(both, "model.multi_modal_projector.q_proj")
 
 
 def test_overrides_need_dashes():

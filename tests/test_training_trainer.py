@@ -295,3 +295,58 @@ def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
     assert isinstance(build_trainer(config).processing_class, Qwen2VLProcessor)
     logs = train_logs(train(config))
     assert len(logs) == 2 and all(entry["words_matched"] > 0 and entry["att_loss"] > 0 for entry in logs)
+
+
+def test_paper_preset_trains_a_tiny_mllama_with_lora_on_both_towers(world, mllama):
+    """`lavender train configs/paper_mllama.yaml` on `lavender tiny mllama` output: LoRA reaches
+    the vision tower's q/v (the image keys of the cross-attention move too)."""
+    from lavender import cli
+    from lavender.training.config import load_config
+
+    root, manifest, _ = world
+    targets = write_targets(root / "targets32", manifest, resolution=32, skip_words=("a",))
+    preset = Path(cli.__file__).parent / "configs" / "paper_mllama.yaml"
+    overrides = {"model_name_or_path": mllama, "train_file": manifest, "targets_dir": targets,
+                 "output_dir": root / "paper", "max_steps": 2, "logging_steps": 1, "save_steps": 1000, "use_cpu": True,
+                 "bf16": False, "dtype": "float32", "att_every_n_steps": 0, "disable_tqdm": True}
+    argv = [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", str(preset), *argv])
+    assert done.value.code == 0
+    assert [entry["step"] for entry in train_logs(root / "paper")] == [1, 2]
+
+    with safe_open(str(root / "paper" / "adapter_model.safetensors"), "pt") as handle:
+        names = list(handle.keys())
+    for tower in ("vision_model.transformer", "vision_model.global_transformer", "language_model"):
+        for projection in ("q_proj", "v_proj"):
+            assert any(f"{tower}.layers." in n and f".{projection}.lora_A" in n for n in names), (tower, projection)
+    assert not any("k_proj" in n or "multi_modal_projector" in n for n in names)
+
+    config = load_config(preset, {key: str(value) for key, value in overrides.items()})
+    assert (config.lavender.att_rows, config.lavender.aligner, config.lavender.att_weight) == ("predicting", "sim", 10.0)
+    assert (config.lavender.lora_r, config.lavender.lora_alpha, config.lavender.lora_dropout) == (8, 32, 0.05)
+
+
+def test_lora_vision_refuses_a_vision_tower_without_those_names(world):
+    qwen = save_tiny_vlm("qwen2_vl", world[0] / "qwen2_vl_fused")  # its vision attention is one `qkv`
+    with pytest.raises(ConfigError, match="lora_vision: no module of the vision tower"):
+        build_trainer(build_config(_keys(world, qwen, "bad_vision", lora_vision=True)))
+
+
+def test_alignment_warmup_trains_on_the_alignment_loss_alone(world, llava):
+    """The authors' warm-up: no L_LM at all, and L_att reaches LoRA (maps not detached)."""
+    trainer = build_trainer(build_config(_keys(world, llava, "alignment_warmup", aligner_warmup_steps=5,
+                                               aligner_warmup="alignment", att_weight=3.0)))
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, dict(batch))
+    att_loss = trainer._running["att_loss"]
+    torch.testing.assert_close(loss.detach(), 3.0 * att_loss)  # nothing of L_LM
+    loss.backward()
+    warm = _lora_grads(model)
+    assert any(g.abs().sum() > 0 for name, g in warm.items() if "lora_B" in name)  # L_att moved the VLM
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.head.parameters())
+    trainer.log({"loss": float(loss)})
+    assert trainer.state.log_history[-1]["lm_weight"] == 0.0
+    trainer.capture.close()

@@ -27,8 +27,11 @@ import yaml
 from lavender.errors import LavenderError
 
 TEXT_SIDES = ("answer", "question", "both")
-QUERY_ROWS = ("word", "predicting")
-DTYPES = ("bfloat16", "float16", "float32")  # a word's own token rows, or the rows that predict them
+QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
+DTYPES = ("bfloat16", "float16", "float32")
+WARMUPS = ("aligner", "alignment")  # what the first aligner_warmup_steps train (see LavenderArguments)
+# where vision towers sit in transformers' VLMs (Mllama, LLaVA, Qwen2-VL)
+VISION_TOWERS = ("vision_model", "vision_tower", "visual")
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).
@@ -66,6 +69,7 @@ class LavenderArguments:
     lora_dropout: float = 0.05
     # names ("q_proj,v_proj" or a list) are scoped to the language model; any other string is a regex
     lora_target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_vision: bool = False  # the names also in the vision tower (the authors' LoRA: both towers)
     save_merged: bool = False  # LoRA: merged weights in output_dir (plain transformers), the adapter in adapter/
 
     # data
@@ -88,7 +92,10 @@ class LavenderArguments:
     aligner: str = "sim"
     aligner_hidden: int = 32
     att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
-    aligner_warmup_steps: int = 0  # the first steps train the aligner alone on L_att
+    aligner_warmup_steps: int = 0  # the first steps train on L_att in the way `aligner_warmup` says
+    # aligner: L_att reaches the aligner alone (the VLM's maps detached), the VLM learns L_LM as usual;
+    # alignment: L_LM is left out, L_att trains the aligner and the VLM (the authors' warm-up)
+    aligner_warmup: Literal["aligner", "alignment"] = "aligner"
     att_every_n_steps: int = 100  # figures of teacher vs VLM maps; 0 = never
 
 
@@ -273,6 +280,7 @@ def _check_lavender(args: LavenderArguments) -> None:
         "att_text": TEXT_SIDES,
         "att_rows": QUERY_ROWS,
         "att_source": ("model", "parallel"),
+        "aligner_warmup": WARMUPS,
         "aggregation": sorted(AGGREGATIONS),
         "aligner": sorted(ALIGNERS),
         "att_normalization": sorted(NORMALIZATIONS),
@@ -313,9 +321,11 @@ def _check_training(keys: dict[str, Any]) -> None:
             raise ConfigError(f"{name} {rule}, got {keys[name]}")
 
 
-def lora_target_regex(target_modules: list[str] | str) -> str:
-    """PEFT's ``target_modules``: names scoped to the language model, so vision towers stay frozen."""
+def lora_target_regex(target_modules: list[str] | str, vision: bool = False) -> str:
+    """PEFT's ``target_modules``: names scoped to the language model (and, with ``vision``, to the
+    vision tower too); the projector and anything else stay frozen. A regex string is used as is."""
     if isinstance(target_modules, str):
         return target_modules
     names = "|".join(sorted(set(target_modules)))
-    return rf".*language_model.*\.({names})"
+    towers = "|".join(("language_model", *VISION_TOWERS)) if vision else "language_model"
+    return rf".*({towers})\..*\.({names})"

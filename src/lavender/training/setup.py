@@ -13,7 +13,7 @@ import logging
 import re
 from pathlib import Path
 
-from lavender.training.config import ConfigError, TrainConfig, lora_target_regex
+from lavender.training.config import VISION_TOWERS, ConfigError, TrainConfig, lora_target_regex
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def build_trainer(config: TrainConfig):
         image_token_id=image_token,
         att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, args.att_weight_decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,
+        aligner_warmup=args.aligner_warmup,
         att_every_n_steps=args.att_every_n_steps,
     )
 
@@ -230,14 +231,23 @@ def _with_lora(model, config: TrainConfig):
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=lora_target_regex(args.lora_target_modules),
+        target_modules=lora_target_regex(args.lora_target_modules, vision=args.lora_vision),
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as error:  # PEFT: "Target modules ... not found in the base model"
         raise ConfigError(
             f"lora_target_modules {args.lora_target_modules!r} matches no module of {args.model_name_or_path}: {error}"
         ) from None
+    if args.lora_vision and not any(
+        "lora_" in name and set(name.split(".")) & set(VISION_TOWERS) for name, _ in model.named_parameters()
+    ):
+        raise ConfigError(
+            f"lora_vision: no module of the vision tower of {args.model_name_or_path} is named "
+            f"{args.lora_target_modules!r} (Qwen2-VL's vision attention, for one, is a fused `qkv`); "
+            "give lora_target_modules as a regex instead, or drop lora_vision"
+        )
+    return model
 
 
 def train(config: TrainConfig) -> Path:

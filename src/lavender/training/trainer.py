@@ -1,6 +1,6 @@
 """``LavenderTrainer``: ``transformers.Trainer`` with the attention alignment loss added.
 
-    L_total = L_LM + λ(t) · L_att
+    L_total = L_LM + λ(t) · L_att      (L_LM left out during an ``alignment`` warm-up)
 
 Being a ``Trainer`` brings ``accelerate`` (DDP, FSDP, DeepSpeed), gradient accumulation,
 checkpoints and resume, and the ``report_to`` loggers. What this class adds:
@@ -16,8 +16,8 @@ checkpoints and resume, and the ``report_to`` loggers. What this class adds:
 * the alignment head (aligner) is a submodule of the model named ``lavender_head``, so DDP
   reduces its gradients and the optimizer sees it; it is saved to its own safetensors file in
   every checkpoint and restored on resume, so a resumed run continues the same loss curve;
-* ``lm_loss``, ``att_loss``, ``att_weight`` and the word/record counts go into the log history
-  next to ``loss``; every ``att_every_n_steps`` a figure of teacher vs VLM maps is written.
+* ``lm_loss``, ``att_loss``, ``att_weight``, ``lm_weight`` (0 during an ``alignment`` warm-up) and
+  the word/record counts go into the log history next to ``loss``; every ``att_every_n_steps`` a figure of teacher vs VLM maps is written.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ class LavenderTrainer(Trainer):
         image_token_id: int,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
+        aligner_warmup: str = "aligner",
         att_every_n_steps: int = 0,
         **kwargs: Any,
     ):
@@ -113,6 +114,7 @@ class LavenderTrainer(Trainer):
         self.image_token_id = image_token_id
         self.att_weight = att_weight
         self.aligner_warmup_steps = aligner_warmup_steps
+        self.aligner_warmup = aligner_warmup
         self.att_every_n_steps = att_every_n_steps
         self._words_in_batch: torch.Tensor | None = None
         self._request: _AlignmentRequest | None = None
@@ -121,6 +123,7 @@ class LavenderTrainer(Trainer):
         self._running = self._zero_running()
         self._steps_running: set[int] = set()  # optimizer steps summed in ``_running``
         self._att_weight_now = att_weight.initial
+        self._lm_weight_now = 1.0
         self._last_figure_step = -1
 
     # ---- loss ---------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ class LavenderTrainer(Trainer):
         counts = inputs.pop(COUNTS_KEY)
         examples = inputs.pop(EXAMPLES_KEY)
         step = self.state.global_step
+        warming_up = step < self.aligner_warmup_steps
         self._aligned = None
         self._request = _AlignmentRequest(
             query_positions=query_positions,
@@ -151,7 +155,7 @@ class LavenderTrainer(Trainer):
             targets=targets,
             word_mask=word_mask,
             image_sizes=[(example.image.height, example.image.width) for example in examples],
-            detach_maps=step < self.aligner_warmup_steps,
+            detach_maps=warming_up and self.aligner_warmup == "aligner",
         )
         try:
             if self.head.parallel is None:
@@ -171,9 +175,11 @@ class LavenderTrainer(Trainer):
             raise RuntimeError("the alignment hook did not run: was the model called through another module?")
         att_loss = aligned.att_sum / self._att_denominator(aligned.word_mask) * self._att_scale(num_items_in_batch)
         weight = self.att_weight(step, self.state.max_steps)
-        loss = lm_loss + weight * att_loss
+        # the authors' alignment-only warm-up weights L_LM by 1e-7; 0 is the same, said plainly
+        lm_weight = 0.0 if warming_up and self.aligner_warmup == "alignment" else 1.0
+        loss = lm_weight * lm_loss + weight * att_loss
 
-        self._accumulate(lm_loss, att_loss, weight, counts, num_items_in_batch)
+        self._accumulate(lm_loss, att_loss, weight, lm_weight, counts, num_items_in_batch)
         if self._figure_due(step):
             predicted = aligned.predicted.masked_fill(~aligned.visible, float("nan"))  # unseen: left blank
             self._save_figure(step, examples[0], predicted, targets[aligned.word_mask], aligned.word_mask)
@@ -259,7 +265,7 @@ class LavenderTrainer(Trainer):
     def _zero_running(self) -> dict[str, torch.Tensor]:
         return {name: torch.zeros(()) for name in ("lm_loss", "att_loss", *COUNT_NAMES)}
 
-    def _accumulate(self, lm_loss, att_loss, weight, counts, num_items_in_batch) -> None:
+    def _accumulate(self, lm_loss, att_loss, weight, lm_weight, counts, num_items_in_batch) -> None:
         """Per optimizer step, the same sums the Trainer forms for ``loss``."""
         if not self.model.training:
             return
@@ -270,6 +276,7 @@ class LavenderTrainer(Trainer):
             self._running[name] += value
         self._steps_running.add(self.state.global_step)
         self._att_weight_now = weight
+        self._lm_weight_now = lm_weight
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -281,6 +288,7 @@ class LavenderTrainer(Trainer):
             logs["lm_loss"] = round(means[0].item(), 6)
             logs["att_loss"] = round(means[1].item(), 6)
             logs["att_weight"] = self._att_weight_now
+            logs["lm_weight"] = self._lm_weight_now
             for index, name in enumerate(COUNT_NAMES, start=2):
                 logs[name] = int(sums[index].item())
             self._running = self._zero_running()
