@@ -47,7 +47,7 @@ def test_targets_and_show_end_to_end(tmp_path):
     result = lavender("targets", "--data", str(manifest), "--model", str(model), "--output", str(tmp_path / "targets"),
                       "--text", "both", "--timesteps", "300,600", "--batch-size", "2")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "done 3, skipped 0 (already stored), failed 0" in result.stdout
+    assert "done 3 (3 exchange(s)), skipped 0 (already stored), failed 0" in result.stdout
     assert "img/s" in result.stderr or "it/s" in result.stderr or "s/img" in result.stderr  # tqdm rate
     store = open_store(tmp_path / "targets")
     metadata = json.loads((tmp_path / "targets" / "metadata.json").read_text())

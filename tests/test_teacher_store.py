@@ -15,9 +15,9 @@ from teacher_helpers import random_image, run_targets, tiny_sd, write_dataset
 
 from lavender.records import read_records
 from lavender.targets import open_store
-from lavender.teacher.extract import ExtractionSettings, Teacher
+from lavender.teacher.extract import ExtractionSettings, Teacher, record_seed
 from lavender.teacher.run import RecordFailure, extract_targets
-from lavender.teacher.store import StoreMismatch
+from lavender.teacher.store import StoreMismatch, turn_key
 
 SETTINGS = ExtractionSettings(timesteps=(200, 500), resolution=8)
 ARGS = ["--timesteps", "200,500", "--resolution", "8", "--shard-size", "2", "--batch-size", "2", "--no-progress"]
@@ -76,9 +76,9 @@ def test_odd_inputs_are_processed_or_recorded_with_a_reason(tmp_path, teacher):
     maps = store.get("huge")
     assert set(maps) == {"a", "big", "sky"} and all(m.shape == (8, 8) and m.dtype == np.float32 for m in maps.values())
     assert store.words("cmyk") == [
-        {"key": "a", "text": "a", "spans": [["answer", 0, 1]]},
-        {"key": "blue", "text": "blue", "spans": [["answer", 2, 6]]},
-        {"key": "ring", "text": "ring", "spans": [["answer", 7, 11]]},
+        {"key": "a", "text": "a", "turn": 0, "spans": [["answer", 0, 1]]},
+        {"key": "blue", "text": "blue", "turn": 0, "spans": [["answer", 2, 6]]},
+        {"key": "ring", "text": "ring", "turn": 0, "spans": [["answer", 7, 11]]},
     ]
     with pytest.raises(KeyError, match="'garbage'.*cannot decode"):
         store.get("garbage")
@@ -167,3 +167,31 @@ def test_two_processes_write_the_single_process_store(tmp_path, dataset):
     assert "rank 0/2: done 3" in outputs[0] and "rank 1/2: done 4" in outputs[1]
     assert "failed 'r5'" in outputs[0]
     assert_same_store(tmp_path / "store", reference)
+
+
+def test_every_exchange_of_a_conversation_gets_its_own_maps(tmp_path, teacher):
+    """3 exchanges, batches of 2 prompts (a record spans UNet calls): each turn's maps are the
+    maps of that turn's own answer, with the record's image and noise, under turn-qualified keys."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    random_image(5).save(folder / "talk.png")
+    texts = ["What colour is the cube?", "A red cube.", "And the ball?", "The ball is blue.", "Where?", "On the left."]
+    turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": text} for i, text in enumerate(texts)]
+    manifest = folder / "talk.jsonl"
+    manifest.write_text(json.dumps({"id": "talk", "image": "talk.png", "conversations": turns}) + "\n")
+    summary = extract_targets(read_records(manifest), teacher, tmp_path / "store", data=manifest, batch_size=2, progress=False)
+    assert (summary.done, summary.exchanges, summary.failed) == (1, 3, [])
+
+    store = open_store(tmp_path / "store")
+    words, maps = store.words("talk"), store.get("talk")
+    assert [word["key"] for word in words] == ["a", "red", "cube", "the@1", "ball@1", "is@1", "blue@1", "on@2", "the@2", "left@2"]
+    answers = texts[1::2]
+    alone = teacher.word_maps([random_image(5)] * 3, [{"answer": answer} for answer in answers],
+                              [record_seed(teacher.settings.seed, "talk")] * 3)
+    for turn, result in enumerate(alone):
+        stored = {word["key"]: word for word in words if word["turn"] == turn}
+        assert set(stored) == {turn_key(entry.key, turn) for entry in result.words}
+        for entry in result.words:
+            key = turn_key(entry.key, turn)
+            assert stored[key]["spans"] == [list(span) for span in entry.spans]
+            np.testing.assert_allclose(maps[key], result.maps[entry.key], atol=1e-3)  # float16 store

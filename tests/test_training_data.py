@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -10,9 +11,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file, save
 
 from lavender.records import Record, Turn, read_records
-from lavender.teacher.store import open_store
+from lavender.teacher.store import open_store, split_turn_key
 from lavender.tiny.vlm import build_tiny_vlm
 from lavender.training.data import (
     COUNTS_KEY,
@@ -183,3 +186,56 @@ def test_targets_at_another_resolution_than_the_store_says_stop_everything(tmp_p
     dataset = LavenderDataset(read_records(manifest), open_store(folder), vlm[1])
     with pytest.raises(ValueError, match="different resolutions"):
         dataset[0]
+
+
+CONVERSATION = ("talk", [
+    "What colour is the cube?", "The cube is red.",
+    "And the ball?", "The ball is blue.",
+    "Where is the star?", "A star sits on the left.",
+])
+
+
+def test_every_turn_of_a_conversation_is_aligned(vlm, tmp_path):
+    """A 3-turn record: every answer's words get their own turn's map and rows in that turn."""
+    _, processor = vlm
+    manifest = write_records(tmp_path / "records", records=[CONVERSATION])
+    store = open_store(write_targets(tmp_path / "targets", manifest, resolution=4))
+    samples, batch = _batch(vlm, read_records(manifest), store)
+    matched, missing, skipped = batch[COUNTS_KEY].tolist()
+    # 4 + 4 + 6 words, each turn's under its own key ("the", "the@1", "the@2")
+    assert (matched, missing, skipped) == (14, 0, 0)
+    keys = samples[0].keys
+    assert {"red", "ball@1", "blue@1", "star@2", "left@2", "the@2"} <= set(keys) and "ball" not in keys
+
+    positions = _word_positions(batch)[0]
+    by_turn: dict[int, list[int]] = {}
+    for w, key in enumerate(keys):
+        word, turn = split_turn_key(key)
+        spelled = processor.tokenizer.decode(batch["input_ids"][0, positions[w]]).replace(" ", "").casefold()
+        assert spelled == word  # each key occurs once in its own turn
+        np.testing.assert_array_equal(batch["lavender_targets"][0, w].numpy(), store.get("talk")[key])
+        by_turn.setdefault(turn, []).extend(positions[w])
+    # turn t's rows all lie before turn t+1's, and inside supervised (answer) tokens
+    assert max(by_turn[0]) < min(by_turn[1]) and max(by_turn[1]) < min(by_turn[2])
+    assert all(batch["labels"][0, p] != -100 for rows in by_turn.values() for p in rows)
+
+
+def test_a_first_turn_only_store_counts_later_turns_missing(vlm, tmp_path):
+    """A format-1 store (maps of the first exchange, no turns recorded) still reads: turn 0."""
+    manifest = write_records(tmp_path / "records", records=[CONVERSATION])
+    folder = write_targets(tmp_path / "targets", manifest, resolution=4)
+    shard = next((folder / "shards").glob("*.safetensors"))
+    with safe_open(str(shard), "np") as handle:
+        header = json.loads(handle.metadata()["lavender"])
+    record = header["records"][0]
+    first = [i for i, word in enumerate(record["words"]) if word["turn"] == 0]
+    record["words"] = [{k: v for k, v in record["words"][i].items() if k != "turn"} for i in first]
+    maps = load_file(str(shard))["talk"][first]
+    shard.write_bytes(save({"talk": maps}, metadata={"lavender": json.dumps(header)}))
+    metadata = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**metadata, "format_version": 1}))
+
+    store = open_store(folder)
+    assert [word["turn"] for word in store.words("talk")] == [0, 0, 0, 0]
+    _, batch = _batch(vlm, read_records(manifest), store)
+    assert batch[COUNTS_KEY].tolist() == [4, 10, 0]

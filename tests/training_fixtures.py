@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from lavender.records import read_records
-from lavender.teacher.store import ShardRecord, prepare_store, write_shard
+from lavender.teacher.store import ShardRecord, prepare_store, turn_key, write_shard
 from lavender.words import split_words
 
 RECORDS = [
@@ -21,23 +21,32 @@ RECORDS = [
 
 
 def write_records(folder: Path, records=RECORDS, broken: tuple[str, ...] = ()) -> Path:
-    """A JSONL manifest and one PNG per record (ids in ``broken`` get a file that is not an image)."""
+    """A JSONL manifest and one PNG per record (ids in ``broken`` get a file that is not an image).
+
+    A record is ``(id, question, answer)``, or ``(id, [question, answer, question, answer, ...])``
+    for a conversation (written LLaVA-style)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     with (folder / "train.jsonl").open("w") as handle:
-        for record_id, question, answer in records:
+        for record_id, *texts in records:
             image = folder / f"{record_id}.png"
             if record_id in broken:
                 image.write_bytes(b"not a png")
             else:
                 pixels = rng.integers(0, 255, size=(60, 90, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(image)
-            handle.write(json.dumps({"id": record_id, "image": image.name, "question": question, "answer": answer}) + "\n")
+            if len(texts) == 2:
+                line = {"id": record_id, "image": image.name, "question": texts[0], "answer": texts[1]}
+            else:
+                turns = [{"from": "human" if i % 2 == 0 else "gpt", "value": text} for i, text in enumerate(texts[0])]
+                line = {"id": record_id, "image": image.name, "conversations": turns}
+            handle.write(json.dumps(line) + "\n")
     return folder / "train.jsonl"
 
 
 def write_targets(folder: Path, manifest: Path, resolution: int = 8, side: str = "answer", skip_words=()) -> Path:
-    """A target store with a deterministic map per word of ``side``, through the store's writer."""
+    """A target store with a deterministic map per word of ``side`` of every exchange (under its
+    turn-qualified key), through the store's writer."""
     records = read_records(manifest)
     metadata = {
         "settings": {"resolution": resolution, "text": side},
@@ -48,11 +57,13 @@ def write_targets(folder: Path, manifest: Path, resolution: int = 8, side: str =
     entries = []
     for number, record in enumerate(records):
         words: dict[str, dict] = {}
-        for word in split_words(record.text(side)):
-            if word.key in skip_words:
-                continue
-            entry = words.setdefault(word.key, {"key": word.key, "text": word.text, "spans": []})
-            entry["spans"].append([side, word.start, word.end])
+        for turn, exchange in enumerate(record.exchanges()):
+            for word in split_words(exchange.text(side)):
+                if word.key in skip_words:
+                    continue
+                key = turn_key(word.key, turn)
+                entry = words.setdefault(key, {"key": key, "text": word.text, "turn": turn, "spans": []})
+                entry["spans"].append([side, word.start, word.end])
         maps = np.zeros((len(words), resolution, resolution), dtype=np.float32)
         for index in range(len(words)):  # one bright cell per word, its place known
             cell = (number * 7 + index * 5) % (resolution * resolution)

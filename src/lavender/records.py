@@ -46,6 +46,39 @@ class Turn:
 
 
 @dataclass
+class Exchange:
+    """A question and the answer to it: the unit that gets teacher maps and alignment."""
+
+    question: str
+    answer: str
+
+    def text(self, side: Side) -> str:
+        if side == "question":
+            return self.question
+        if side == "answer":
+            return self.answer
+        raise ValueError(f"text side must be 'question' or 'answer', got {side!r}")
+
+
+def exchange_of_turns(turns: list[Turn]) -> list[int]:
+    """For each turn, the index of the exchange it belongs to.
+
+    A user turn opens an exchange and the assistant turn after it closes it. A turn that finds
+    no partner (two user turns in a row, an assistant turn with no question before it) is an
+    exchange of its own with the other side empty, so every turn belongs to exactly one.
+    """
+    owners: list[int] = []
+    current, has_answer = -1, True
+    for turn in turns:
+        if turn.role == "user" or has_answer:
+            current, has_answer = current + 1, False
+        if turn.role == "assistant":
+            has_answer = True
+        owners.append(current)
+    return owners
+
+
+@dataclass
 class Record:
     """An image and a conversation about it.
 
@@ -76,6 +109,18 @@ class Record:
         if side == "answer":
             return self.answer
         raise ValueError(f"text side must be 'question' or 'answer', got {side!r}")
+
+    def exchanges(self) -> list[Exchange]:
+        """The conversation as question–answer exchanges (see :func:`exchange_of_turns`)."""
+        exchanges: list[Exchange] = []
+        for turn, owner in zip(self.turns, exchange_of_turns(self.turns)):
+            if owner == len(exchanges):
+                exchanges.append(Exchange("", ""))
+            if turn.role == "user":
+                exchanges[owner].question = turn.text
+            else:
+                exchanges[owner].answer = turn.text
+        return exchanges
 
 
 def strip_image_marker(text: str) -> str:

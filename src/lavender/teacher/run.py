@@ -6,6 +6,12 @@ manifest, so any number of processes, and any number of interruptions, give the 
 A shard on disk that does not parse is reported and redone. Each rank holds a lock on the store
 while it writes, so a second run started on the same store stops with a message instead of
 racing the first.
+
+A record is a conversation: each of its question–answer exchanges is one teacher prompt (its
+answer, question or both, as ``--text`` says), so every turn of a multi-turn record gets maps,
+each made from its own text as a single-turn record's would be, and each within the text
+encoder's context on its own. The exchanges of a record share its image and its noise seed;
+their words are stored under turn-qualified keys (:func:`lavender.teacher.store.turn_key`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from lavender.errors import LavenderError
 from lavender.files import exclusive
 from lavender.images import ImageError, load_image
 from lavender.records import Record
-from lavender.teacher.extract import SIDES, Teacher, record_seed
+from lavender.teacher.extract import SIDES, SampleMaps, Teacher, record_seed
 from lavender.teacher.store import (
     SHARDS,
     ShardRecord,
@@ -29,6 +35,7 @@ from lavender.teacher.store import (
     prepare_store,
     read_shard_header,
     shard_name,
+    turn_key,
     write_shard,
 )
 
@@ -42,13 +49,15 @@ class RecordFailure(LavenderError, RuntimeError):
 @dataclass
 class Summary:
     done: int = 0  # records processed by this run
+    exchanges: int = 0  # their question–answer exchanges (teacher prompts)
     skipped: int = 0  # records already in the store (earlier run or another rank)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) from this run
     words_missing: int = 0  # words without a map (truncated text), over the records done
 
     def line(self) -> str:
         return (
-            f"done {self.done}, skipped {self.skipped} (already stored), failed {len(self.failed)}; "
+            f"done {self.done} ({self.exchanges} exchange(s)), skipped {self.skipped} (already stored), "
+            f"failed {len(self.failed)}; "
             f"{self.words_missing} word(s) got no map (text beyond the text encoder's context)"
         )
 
@@ -63,13 +72,18 @@ def records_fingerprint(records: list[Record]) -> dict:
     return {"count": len(records), "ids_sha256": digest}
 
 
-def _texts(record: Record, text: str) -> dict[str, str]:
-    """The record's text per side; raises ValueError when all of them are empty."""
+def _texts(record: Record, text: str) -> list[tuple[int, dict[str, str]]]:
+    """(exchange index, its text per side) for each exchange with text on the chosen sides;
+    raises ValueError when there is none."""
     sides = SIDES if text == "both" else (text,)
-    texts = {side: record.text(side).strip() for side in sides}
-    if not any(texts.values()):
+    chosen = []
+    for turn, exchange in enumerate(record.exchanges()):
+        texts = {side: exchange.text(side).strip() for side in sides}
+        if any(texts.values()):
+            chosen.append((turn, texts))
+    if not chosen:
         raise ValueError(f"empty {' and '.join(sides)} text")
-    return texts
+    return chosen
 
 
 def image_reference(record: Record) -> str:
@@ -131,9 +145,10 @@ def extract_targets(
         bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)
         for index in mine:
             chunk = records[index * shard_size : (index + 1) * shard_size]
-            stored, errors = _process_shard(chunk, teacher, batch_size, strict, bar)
+            stored, errors, exchanges = _process_shard(chunk, teacher, batch_size, strict, bar)
             write_shard(root, index, stored, errors)
             summary.done += len(stored)
+            summary.exchanges += exchanges
             summary.failed += errors
             summary.words_missing += sum(len(record.missing) for record, _ in stored)
         bar.close()
@@ -141,10 +156,12 @@ def extract_targets(
 
 
 def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, strict: bool, bar):
-    import numpy as np
-
+    """The chunk's records through the teacher, ``batch_size`` exchanges per UNet call (a long
+    conversation may span several calls); returns (stored records, failures, their exchanges)."""
     stored, errors = [], []
-    ready: list[tuple[Record, object, dict[str, str]]] = []
+    ready: list[tuple[Record, int, object, dict[str, str]]] = []  # (record, exchange, image, texts)
+    results: dict[str, list[tuple[int, SampleMaps]]] = {}
+    expected: dict[str, int] = {}
 
     def fail(record: Record, reason: str) -> None:
         if strict:
@@ -157,39 +174,57 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
             return
         batch = ready[:]
         ready.clear()
-        results = teacher.word_maps(
-            [image for _, image, _ in batch],
-            [texts for _, _, texts in batch],
-            [record_seed(teacher.settings.seed, record.id) for record, _, _ in batch],
+        maps = teacher.word_maps(
+            [image for _, _, image, _ in batch],
+            [texts for _, _, _, texts in batch],
+            [record_seed(teacher.settings.seed, record.id) for record, _, _, _ in batch],
         )
-        for (record, _, _), result in zip(batch, results):
-            if not result.maps:
-                fail(record, "no word got a map")
-                continue
-            entry = ShardRecord(
-                id=record.id,
-                image=image_reference(record),
-                words=[{"key": w.key, "text": w.text, "spans": [list(s) for s in w.spans]} for w in result.words],
-                missing=[{"text": t, "side": s, "start": a, "end": b} for t, s, a, b in result.missing],
-            )
-            stored.append((entry, np.stack([result.maps[w.key] for w in result.words])))
-            bar.update(1)
+        for (record, turn, _, _), result in zip(batch, maps):
+            results.setdefault(record.id, []).append((turn, result))
+            if len(results[record.id]) == expected[record.id]:
+                finish(record, results.pop(record.id))
+
+    def finish(record: Record, per_turn: list[tuple[int, SampleMaps]]) -> None:
+        entry, maps = _shard_record(record, per_turn)
+        if maps is None:
+            fail(record, "no word got a map")
+            return
+        stored.append((entry, maps))
+        bar.update(1)
 
     for record in chunk:
         if record.invalid:
             fail(record, record.invalid)
             continue
         try:
-            texts = _texts(record, teacher.settings.text)
+            exchanges = _texts(record, teacher.settings.text)
             image = load_image(record.image)
         except (ImageError, ValueError) as error:
             fail(record, str(error))
             continue
-        ready.append((record, image, texts))
-        if len(ready) == batch_size:
-            flush()
+        expected[record.id] = len(exchanges)
+        for turn, texts in exchanges:
+            ready.append((record, turn, image, texts))
+            if len(ready) == batch_size:
+                flush()
     flush()
     # records keep manifest order inside the shard, whatever failed in between
     order = {record.id: i for i, record in enumerate(chunk)}
     stored.sort(key=lambda item: order[item[0].id])
-    return stored, errors
+    return stored, errors, sum(expected[entry.id] for entry, _ in stored)
+
+
+def _shard_record(record: Record, per_turn: list[tuple[int, SampleMaps]]):
+    """One record's entry and its (n_words, R, R) maps from its exchanges' results, words under
+    turn-qualified keys in exchange order; maps is None when no word of any exchange got one."""
+    import numpy as np
+
+    words, missing, maps = [], [], []
+    for turn, result in sorted(per_turn, key=lambda item: item[0]):
+        for word in result.words:
+            key = turn_key(word.key, turn)
+            words.append({"key": key, "text": word.text, "turn": turn, "spans": [list(s) for s in word.spans]})
+            maps.append(result.maps[word.key])
+        missing += [{"text": t, "turn": turn, "side": s, "start": a, "end": b} for t, s, a, b in result.missing]
+    entry = ShardRecord(id=record.id, image=image_reference(record), words=words, missing=missing)
+    return entry, (np.stack(maps) if maps else None)

@@ -8,11 +8,19 @@ Layout of a store folder::
 
 A shard is the unit of work and of completion. Its tensors are one float16 array per
 record, ``(n_words, R, R)``, named by the record's place in the shard (``record_0``, ...: an id is
-never a tensor name, so ``__metadata__`` or any other id cannot break the file); its safetensors header (the
-``"lavender"`` metadata entry, JSON) lists, for each record, the word keys in tensor order
-with their surface text and ``(side, start, end)`` character spans, the words that got no
-map, its tensor's name, and the records that failed with their reason. The headers together are the index:
-:func:`open_store` reads only them, and a map is read when asked for.
+never a tensor name, so ``__metadata__`` or any other id cannot break the file); its safetensors
+header (the ``"lavender"`` metadata entry, JSON) lists, for each record, the stored words in tensor
+order (``key``, surface ``text``, ``turn`` and ``(side, start, end)`` character spans in that
+turn's side text), the words that got no map, its tensor's name, and the records that failed with
+their reason. The headers together are the index: :func:`open_store` reads only them, and a map
+is read when asked for.
+
+Turns: a record is a conversation of question–answer exchanges
+(:meth:`lavender.records.Record.exchanges`); each exchange's words get maps of their own, and a
+stored key says which exchange a word belongs to (:func:`turn_key`): the word's key for the
+first exchange (``"red"``), ``key@t`` for exchange t ≥ 1 (``"red@2"``). ``@`` is never part of a
+word, so the two parts are unambiguous. Stores of format 1 (maps of the first exchange only)
+read as format 2 stores whose words are all of exchange 0.
 
 A shard is written to a temporary file and renamed into place, so a shard file either is
 complete or does not exist: a killed run resumes by skipping the shards present (a shard damaged
@@ -37,9 +45,22 @@ from lavender.files import write_atomic, write_new
 METADATA = "metadata.json"
 SHARDS = "shards"
 HEADER_KEY = "lavender"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every exchange of a conversation (turn-qualified keys); 1: the first only
+READABLE_VERSIONS = (1, 2)
+TURN_SEPARATOR = "@"
 # Settings that must match for a re-run to resume into an existing store.
 RESUME_KEYS = ("format_version", "settings", "model_fingerprint", "layers", "records", "shard_size")
+
+
+def turn_key(key: str, turn: int) -> str:
+    """The stored key of word ``key`` of exchange ``turn`` (0-based): ``key``, or ``key@turn`` from 1 on."""
+    return key if turn == 0 else f"{key}{TURN_SEPARATOR}{turn}"
+
+
+def split_turn_key(stored: str) -> tuple[str, int]:
+    """``turn_key``'s inverse: ``"red@2"`` → ``("red", 2)``, ``"red"`` → ``("red", 0)``."""
+    key, separator, turn = stored.rpartition(TURN_SEPARATOR)
+    return (key, int(turn)) if separator and turn.isdigit() else (stored, 0)
 
 
 def shard_name(index: int) -> str:
@@ -114,8 +135,8 @@ class ShardRecord:
 
     id: str
     image: str
-    words: list[dict]  # {"key", "text", "spans": [[side, start, end], ...]} in tensor order
-    missing: list[dict]  # {"text", "side", "start", "end"}: words that got no map
+    words: list[dict]  # {"key", "text", "turn", "spans": [[side, start, end], ...]} in tensor order
+    missing: list[dict]  # {"text", "turn", "side", "start", "end"}: words that got no map
     tensor: str = ""  # the tensor's name in the shard; "" in stores written before it (named by id)
 
     @property
@@ -150,6 +171,9 @@ class TargetStore:
         if not (self.root / METADATA).exists():
             raise FileNotFoundError(f"{self.root}: not a target store (no {METADATA}); write one with `lavender targets`")
         self.metadata: dict[str, Any] = _read_metadata(self.root / METADATA)
+        version = self.metadata.get("format_version", 1)
+        if version not in READABLE_VERSIONS:
+            raise StoreDamaged(f"{self.root}: store format {version} is newer than this lavender reads ({FORMAT_VERSION})")
         self._records: dict[str, tuple[Path, ShardRecord]] = {}
         self._errors: list[tuple[str, str]] = []
         self.shards = sorted(finished_shards(self.root))
@@ -160,6 +184,8 @@ class TargetStore:
             except StoreDamaged as error:
                 raise StoreDamaged(f"{error}; re-run `lavender targets` with the same settings to redo it") from None
             for raw in header["records"]:
+                for entry in raw["words"] + raw["missing"]:  # format 1: the first exchange only
+                    entry.setdefault("turn", 0)
                 self._records[raw["id"]] = (path, ShardRecord(**raw))
             self._errors += [(error["id"], error["reason"]) for error in header["errors"]]
 
@@ -201,11 +227,12 @@ class TargetStore:
         return {word["key"]: maps[i] for i, word in enumerate(record.words)}
 
     def words(self, record_id: str) -> list[dict]:
-        """Per stored word: ``{"key", "text", "spans": [[side, start, end], ...]}``."""
+        """Per stored word: ``{"key", "text", "turn", "spans": [[side, start, end], ...]}``."""
         return self.record(record_id).words
 
     def missing(self, record_id: str) -> list[dict]:
-        """The words of the record that got no map (e.g. cut off by the 77-token context)."""
+        """The words of the record that got no map (e.g. cut off by the 77-token context):
+        ``{"text", "turn", "side", "start", "end"}``."""
         return self.record(record_id).missing
 
     def errors(self) -> list[tuple[str, str]]:

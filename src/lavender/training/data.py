@@ -5,8 +5,11 @@ the prompt format it will be asked in. Everything else is located in that render
 character spans:
 
 * labels: only the assistant turns (their content and the template's end-of-turn marker);
-* words: the question and/or answer text (``att_text``) split with :func:`lavender.words.split_words`;
-  a word's query positions are its own tokens, found through the tokenizer's offsets, or, with
+* words: the question and/or answer text (``att_text``) of every exchange of the conversation
+  (:meth:`lavender.records.Record.exchanges`), split with :func:`lavender.words.split_words` and
+  looked up in the target store under their turn-qualified key
+  (:func:`lavender.teacher.store.turn_key`), so each turn's words meet the maps made from that
+  turn's text; a word's query positions are its own tokens, found through the tokenizer's offsets, or, with
   ``query_rows="predicting"``, the positions one to the left: the rows whose outputs predict the
   word's tokens (what the authors' argmax keying amounts to, without depending on the model's mistakes).
 
@@ -27,7 +30,8 @@ from PIL import Image
 
 from lavender.errors import LavenderError
 from lavender.images import ImageError, load_image
-from lavender.records import Record
+from lavender.records import Record, exchange_of_turns
+from lavender.teacher.store import turn_key
 from lavender.training.config import QUERY_ROWS
 from lavender.words import Word, split_words, tokens_of_words
 
@@ -61,11 +65,11 @@ class Sample:
     prompt: str
     image: Image.Image
     supervised: list[tuple[int, int]]  # character spans of the assistant turns
-    words: list[list[Word]]  # per matched word key: its occurrences, spans in ``prompt``
+    words: list[list[Word]]  # per matched stored key: its occurrences, spans in ``prompt``
     targets: np.ndarray  # (W, R, R), one per entry of ``words``
     words_missing: int = 0
     records_skipped: int = 0  # unreadable records passed over to reach this one
-    keys: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the stored (turn-qualified) key of each entry of ``words``
 
 
 def _messages(record: Record) -> list[dict[str, Any]]:
@@ -81,8 +85,9 @@ def _messages(record: Record) -> list[dict[str, Any]]:
     return messages
 
 
-def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
-    """The chat-templated prompt, the assistant spans (labels) and each side's text spans.
+def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], list[tuple[int, str, tuple[int, int]]]]:
+    """The chat-templated prompt, the assistant spans (labels), and the text spans of every turn
+    as ``(exchange, side, (start, end))``, sides being ``question`` (user) and ``answer`` (assistant).
 
     Turn boundaries come from rendering growing prefixes of the conversation: the assistant's part
     starts where the prefix with ``add_generation_prompt`` ends and runs to the end of the prefix
@@ -91,9 +96,9 @@ def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], dict[
     messages = _messages(record)
     prompt = processor.apply_chat_template(messages, tokenize=False)
     supervised: list[tuple[int, int]] = []
-    sides: dict[str, list[tuple[int, int]]] = {"question": [], "answer": []}
+    spans: list[tuple[int, str, tuple[int, int]]] = []
     cursor = 0
-    for index, turn in enumerate(record.turns):
+    for index, (turn, exchange) in enumerate(zip(record.turns, exchange_of_turns(record.turns))):
         position = prompt.find(turn.text, cursor) if turn.text else cursor
         if position < 0:
             raise SampleError(
@@ -108,12 +113,10 @@ def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], dict[
                 supervised.append((len(before), len(through)))
             else:  # a template whose prefixes are not prefixes: supervise the content alone
                 supervised.append((position, end))
-        # the first user turn and the first assistant turn are the record's question and answer
-        side = "question" if turn.role == "user" else "answer"
-        if not sides[side] and turn.text:
-            sides[side].append((position, end))
+        if turn.text:
+            spans.append((exchange, "question" if turn.role == "user" else "answer", (position, end)))
         cursor = end
-    return prompt, supervised, sides
+    return prompt, supervised, spans
 
 
 class LavenderDataset(torch.utils.data.Dataset):
@@ -165,15 +168,15 @@ class LavenderDataset(torch.utils.data.Dataset):
         targets = self.store.get(record.id) if record.id in self._known_ids else {}
         occurrences: dict[str, list[Word]] = {}
         missing = 0
-        for side in self.sides:
-            for start, end in spans[side]:
-                for word in split_words(prompt[start:end]):
-                    if word.key in targets:
-                        occurrences.setdefault(word.key, []).append(
-                            Word(word.text, word.start + start, word.end + start)
-                        )
-                    else:
-                        missing += 1
+        for exchange, side, (start, end) in spans:
+            if side not in self.sides:
+                continue
+            for word in split_words(prompt[start:end]):
+                key = turn_key(word.key, exchange)
+                if key in targets:
+                    occurrences.setdefault(key, []).append(Word(word.text, word.start + start, word.end + start))
+                else:
+                    missing += 1
         keys = list(occurrences)
         resolution = self.store.resolution
         maps = np.zeros((len(keys), resolution, resolution), dtype=np.float32)
