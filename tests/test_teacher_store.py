@@ -195,3 +195,17 @@ def test_every_exchange_of_a_conversation_gets_its_own_maps(tmp_path, teacher):
             key = turn_key(entry.key, turn)
             assert stored[key]["spans"] == [list(span) for span in entry.spans]
             np.testing.assert_allclose(maps[key], result.maps[entry.key], atol=1e-3)  # float16 store
+
+
+def test_turn_keys_round_trip_and_never_collide_with_words():
+    from lavender.show import word_labels
+    from lavender.teacher.store import split_turn_key
+    from lavender.words import split_words
+
+    for key in ("red", "don't", "x-ray", "東", "❤️", "2"):
+        for turn in range(3):
+            assert split_turn_key(turn_key(key, turn)) == (key, turn)
+    assert turn_key("red", 0) == "red" and turn_key("red", 2) == "red@2"
+    assert [w.text for w in split_words("mail@home user@2")] == ["mail", "home", "user", "2"]  # "@" is never in a word
+    assert word_labels([{"key": "red", "text": "Red", "turn": 0}, {"key": "red@1", "text": "red", "turn": 1}]) == {
+        "red": "Red", "red@1": "red@1"}

@@ -17,13 +17,20 @@ from typing import Callable
 import numpy as np
 
 
+def word_labels(words: list[dict]) -> dict[str, str]:
+    """Stored key → the label drawn: the word's text, ``@t`` after it for exchange t ≥ 1."""
+    from lavender.teacher.store import turn_key
+
+    return {word["key"]: turn_key(word["text"], word["turn"]) for word in words}
+
+
 def teacher_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, np.ndarray]]:
     from lavender.teacher.store import open_store
 
     store = open_store(args.targets)
     maps = store.get(record_id)
-    texts = {word["key"]: word["text"] for word in store.words(record_id)}
-    return "teacher", {texts[key]: word_map for key, word_map in maps.items()}
+    labels = word_labels(store.words(record_id))
+    return "teacher", {labels[key]: word_map for key, word_map in maps.items()}
 
 
 def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, np.ndarray]]:
@@ -31,6 +38,7 @@ def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, n
     teacher's words when --targets is given (same columns), else for every word of the record."""
     from lavender.evaluation.attention import record_word_maps
     from lavender.evaluation.generation import load_model
+    from lavender.teacher.store import turn_key
     from lavender.words import split_words
 
     record = find_record(args, record_id)
@@ -39,10 +47,11 @@ def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, n
         from lavender.teacher.store import open_store
 
         store = open_store(args.targets)
-        size, labels = store.resolution, {word["key"]: word["text"] for word in store.words(record_id)}
+        size, labels = store.resolution, word_labels(store.words(record_id))
     else:
-        for word in split_words(record.question) + split_words(record.answer):
-            labels.setdefault(word.key, word.text)
+        for turn, exchange in enumerate(record.exchanges()):
+            for word in split_words(exchange.question) + split_words(exchange.answer):
+                labels.setdefault(turn_key(word.key, turn), turn_key(word.text, turn))
     model, processor = load_model(args.model, base=args.base)
     maps = record_word_maps(model, processor, record, list(labels), size=size)
     return "VLM", {labels[key]: maps[key] for key in labels if key in maps}

@@ -27,7 +27,8 @@ the teacher's map is then normalised again over those cells, as in training):
 
 Masks are given per record as ``"masks": {word: path}``: a PNG (or any image) the size of the
 record's image, non-zero on the word's referents; paths are relative to the data file's folder
-(or ``--image-root``); words are matched by :attr:`lavender.words.Word.key`. A mask is brought to
+(or ``--image-root``); words are matched by :attr:`lavender.words.Word.key`, in every turn of a
+conversation (a word of exchange t ≥ 1 is reported as ``word@t``, as the target store keys it). A mask is brought to
 the R×R grid by area: a cell belongs to the mask when the mask covers at least half of it (or, for
 an object smaller than half a cell, when it covers any of it).
 """
@@ -57,6 +58,7 @@ from lavender.training.data import (
     SampleError,
     image_token_id,
 )
+from lavender.teacher.store import split_turn_key, turn_key
 from lavender.words import normalize_word
 
 IOU_THRESHOLD = 0.5
@@ -258,7 +260,10 @@ def evaluate_attention(
                 masks[record.id] = load_masks(record, root)
             except ImageError as error:
                 failed.append({"id": record.id, "error": f"unreadable mask: {error}"})
-    words = _WordTargets(store, {record_id: set(of_record) for record_id, of_record in masks.items()}, size)
+    turns = {record.id: max(1, len(record.exchanges())) for record in records}
+    # a mask names an object: it applies to its word in every turn
+    mask_keys = {rid: {turn_key(key, t) for key in keys for t in range(turns[rid])} for rid, keys in masks.items()}
+    words = _WordTargets(store, mask_keys, size)
     wanted = set(words.ids())
     measured = [record for record in records if record.id in wanted]
     if not measured:
@@ -335,7 +340,7 @@ def _measure_batch(model, capture, collator, head, samples, words: _WordTargets,
         for kind, maps in per_kind.items():
             rows += [
                 {"id": sample.record_id, "word": key, "map": kind,
-                 **word_metrics(vlm, teacher.get(key), grids.get(key), words.normalization)}
+                 **word_metrics(vlm, teacher.get(key), grids.get(split_turn_key(key)[0]), words.normalization)}
                 for key, vlm in maps.items()
             ]
     return rows

@@ -24,8 +24,14 @@ def open_targets(config: TrainConfig):
     args = config.lavender
     try:
         store = open_store(args.targets_dir)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise ConfigError(str(error)) from None
+    if store.metadata.get("format_version", 1) < 2:
+        logger.warning(
+            "the targets in %s hold maps of each record's first exchange only (store format 1): words of later "
+            "turns are counted in words_missing; re-run `lavender targets` to align every turn",
+            args.targets_dir,
+        )
     if len(store) == 0:
         raise ConfigError(f"targets_dir {args.targets_dir} holds no maps yet (is `lavender targets` still running?)")
     if args.att_resolution is not None and args.att_resolution != store.resolution:
