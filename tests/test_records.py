@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lavender.records import Record, RecordError, Turn, read_records
+from lavender.records import Record, RecordError, Turn, exchange_of_turns, read_records
 
 
 def write_lines(path: Path, rows: list) -> Path:
@@ -127,3 +127,15 @@ def test_any_bad_input_is_a_record_error_naming_the_file(tmp_path, lines):
     for record in records:  # what is accepted is well-formed
         assert isinstance(record.id, str) and record.id and record.image is not None
         assert all(isinstance(t.text, str) and t.role in ("user", "assistant") for t in record.turns)
+
+
+def test_exchanges_pair_each_question_with_its_answer():
+    def record(roles: str) -> Record:
+        return Record("x", "x.png", [Turn("user" if r == "u" else "assistant", f"{r}{i}") for i, r in enumerate(roles)])
+
+    assert [(e.question, e.answer) for e in record("uaua").exchanges()] == [("u0", "a1"), ("u2", "a3")]
+    # a turn without a partner is an exchange of its own: every turn belongs to one
+    assert [(e.question, e.answer) for e in record("uua").exchanges()] == [("u0", ""), ("u1", "a2")]
+    assert [(e.question, e.answer) for e in record("aua").exchanges()] == [("", "a0"), ("u1", "a2")]
+    assert [(e.question, e.answer) for e in record("uaa").exchanges()] == [("u0", "a1"), ("", "a2")]
+    assert exchange_of_turns(record("uauau").turns) == [0, 0, 1, 1, 2]
