@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 from lavender.evaluation import command
 from lavender.evaluation.attention import (
+    evaluate_attention,
     iou,
     mask_on_grid,
     normalized_entropy,
@@ -24,7 +25,7 @@ from lavender.evaluation.attention import (
     word_metrics,
 )
 from lavender.evaluation.generation import load_model
-from lavender.records import Record, Turn
+from lavender.records import Record, Turn, read_records
 from lavender.teacher.store import ShardRecord, prepare_store, write_shard
 from lavender.tiny.vlm import save_tiny_vlm
 from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
@@ -234,3 +235,27 @@ def test_a_saved_alignment_head_adds_head_maps(llava, data_and_store, tmp_path):
     assert {(row["word"], row["map"]) for row in rows} == {("square", "raw"), ("square", "head")}
     attention = json.loads((out / "metrics.json").read_text())["attention"]
     assert attention["head"]["words"] == 1 and 0.0 <= attention["head"]["iou"] <= 1.0
+
+
+def test_every_turn_is_measured_and_a_mask_applies_in_each(llava, tmp_path):
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(tmp_path / "red.png")
+    mask = np.zeros((40, 40), dtype=np.uint8)
+    mask[10:30, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "square.png")
+    turns = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A square."},
+             {"from": "human", "value": "Its colour?"}, {"from": "gpt", "value": "The square is red."}]
+    record = {"id": "1", "image": "red.png", "conversations": turns, "masks": {"square": "square.png"}}
+    (tmp_path / "data.jsonl").write_text(json.dumps(record) + "\n")
+    store = tmp_path / "store"
+    prepare_store(store, {"settings": {"resolution": 8, "text": "answer"}, "records": {"count": 1}, "shard_size": 1})
+    words = [{"key": "square", "text": "square", "turn": 0, "spans": [["answer", 2, 8]]},
+             {"key": "red@1", "text": "red", "turn": 1, "spans": [["answer", 14, 17]]}]
+    write_shard(store, 0, [(ShardRecord(id="1", image="red.png", words=words, missing=[]), np.ones((2, 8, 8)))], [])
+
+    model, processor = load_model(llava)
+    metrics = evaluate_attention(model, processor, read_records(tmp_path / "data.jsonl"), tmp_path, targets=store,
+                                 output=tmp_path)
+    rows = {row["word"]: row for row in map(json.loads, (tmp_path / "attention.jsonl").read_text().splitlines())}
+    assert set(rows) == {"square", "square@1", "red@1"} and not metrics["failed"]
+    assert "pointing" in rows["square"] and "pointing" in rows["square@1"]  # the mask, in both turns
+    assert "mse" in rows["red@1"] and "pointing" not in rows["red@1"]  # the teacher's turn-1 map, no mask
