@@ -230,8 +230,8 @@ def test_a_first_turn_only_store_counts_later_turns_missing(vlm, tmp_path):
     record = header["records"][0]
     first = [i for i, word in enumerate(record["words"]) if word["turn"] == 0]
     record["words"] = [{k: v for k, v in record["words"][i].items() if k != "turn"} for i in first]
-    maps = load_file(str(shard))["talk"][first]
-    shard.write_bytes(save({"talk": maps}, metadata={"lavender": json.dumps(header)}))
+    maps = load_file(str(shard))[record["tensor"]][first]
+    shard.write_bytes(save({record["tensor"]: maps}, metadata={"lavender": json.dumps(header)}))
     metadata = json.loads((folder / "metadata.json").read_text())
     (folder / "metadata.json").write_text(json.dumps({**metadata, "format_version": 1}))
 
