@@ -112,9 +112,9 @@ def test_probes_go_on_chosen_cross_attention_only_and_leave_outputs_unchanged():
     assert all(name.startswith(("down_blocks.0", "up_blocks.1")) for name in teacher.layers)
     assert len(teacher.layers) == 3
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    hidden, _ = teacher.encode_texts(["a red circle", "two squares"])
+    hidden = torch.stack(teacher.encode_texts(["a red circle", "two squares"])[0])
     with torch.no_grad():
-        teacher.accumulator.reset(teacher.grid, 8, 8)
+        teacher.accumulator.reset(8, 8, teacher.factor)
         ours = teacher.unet(sample, 500, encoder_hidden_states=hidden).sample
         plain = reference(sample, 500, encoder_hidden_states=hidden).sample
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)

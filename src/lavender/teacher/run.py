@@ -162,7 +162,7 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
             [texts for _, _, texts in batch],
             [record_seed(teacher.settings.seed, record.id) for record, _, _ in batch],
         )
-        for (record, _, _), result in zip(batch, results):
+        for (record, image, _), result in zip(batch, results):
             if not result.maps:
                 fail(record, "no word got a map")
                 continue
@@ -171,6 +171,8 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
                 image=image_reference(record),
                 words=[{"key": w.key, "text": w.text, "spans": [list(s) for s in w.spans]} for w in result.words],
                 missing=[{"text": t, "side": s, "start": a, "end": b} for t, s, a, b in result.missing],
+                image_size=list(image.size),
+                input_size=list(result.input_size),
             )
             stored.append((entry, np.stack([result.maps[w.key] for w in result.words])))
             bar.update(1)
