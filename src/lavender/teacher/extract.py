@@ -448,7 +448,7 @@ class Teacher:
     def _chunks(self, text: str) -> list[tuple[int, str]]:
         """``text`` cut into pieces that each fit the context with the tokenizer's special
         tokens, between words where a word fits: (start character, piece) per chunk."""
-        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
         capacity = self.context_length - self.tokenizer.num_special_tokens_to_add()
         inside = set()  # token indices a cut may not fall before: they continue a word
         for group in tokens_of_words(spans, split_words(text)):
