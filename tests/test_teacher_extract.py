@@ -37,10 +37,12 @@ class RecordingProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def reference_maps(model, image, text: str, record_id: str, seed: int, resolution: int) -> dict[str, np.ndarray]:
+def reference_maps(model, image, text: str, record_id: str, seed: int, resolution: int,
+                   size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """One timestep at a time, every cross-attention call recorded, aggregated by the stated rule:
-    mean over heads; layers at every map size but the coarsest, upsampled (bilinear) to the finest
-    and averaged; timesteps averaged; a word's tokens summed; resized to R (antialiased); min-max."""
+    the whole image resized to ``size`` (width, height; default the native square); mean over
+    heads; layers at every map size but the coarsest, upsampled (bilinear) to the finest and
+    averaged; timesteps averaged; a word's tokens summed; resized to R × R (antialiased); min-max."""
     tokenizer = AutoTokenizer.from_pretrained(model / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model / "text_encoder")
     vae = AutoencoderKL.from_pretrained(model / "vae")
@@ -50,8 +52,8 @@ def reference_maps(model, image, text: str, record_id: str, seed: int, resolutio
         if name.endswith("attn2"):
             module.set_processor(RecordingProcessor(log))
 
-    size = unet.config.sample_size * 4
-    pixels = np.asarray(image.convert("RGB").resize((size, size), resample=3), dtype=np.float32) / 127.5 - 1
+    width, height = size or (unet.config.sample_size * 4,) * 2
+    pixels = np.asarray(image.convert("RGB").resize((width, height), resample=3), dtype=np.float32) / 127.5 - 1
     with torch.no_grad():
         latent = vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]).latent_dist.mean * 0.18215
         tokens = tokenizer(text, padding="max_length", max_length=77, truncation=True, return_offsets_mapping=True)
@@ -64,14 +66,16 @@ def reference_maps(model, image, text: str, record_id: str, seed: int, resolutio
             log.clear()
             noisy = alpha_bar[t].sqrt() * latent + (1 - alpha_bar[t]).sqrt() * noise[j]
             unet(noisy.float(), t, encoder_hidden_states=hidden)
-            sides = [int(math.isqrt(probs.shape[2])) for probs in log]
-            finest, coarsest = max(sides), min(sides)
+            # a layer with N queries is f = √(latent area / N) times coarser than the latent
+            factors = [int(math.isqrt(latent.shape[2] * latent.shape[3] // probs.shape[2])) for probs in log]
+            finest, coarsest = min(factors), max(factors)
+            grid = (latent.shape[2] // finest, latent.shape[3] // finest)
             layer_maps = []
-            for probs, side in zip(log, sides):
-                if side == coarsest:
+            for probs, factor in zip(log, factors):
+                if factor == coarsest:
                     continue
-                maps = probs[0].mean(dim=0).T.reshape(1, -1, side, side)  # (1, T, side, side)
-                layer_maps.append(F.interpolate(maps, size=(finest, finest), mode="bilinear", align_corners=False)[0])
+                maps = probs[0].mean(dim=0).T.reshape(1, -1, latent.shape[2] // factor, latent.shape[3] // factor)
+                layer_maps.append(F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)[0])
             per_step.append(torch.stack(layer_maps).mean(dim=0))
         token_maps = torch.stack(per_step).mean(dim=0)  # (T, G, G)
 
@@ -101,6 +105,23 @@ def test_maps_equal_a_step_by_step_float64_recomputation():
     assert [w.spans for w in results[0].words if w.key == "circle"] == [[("answer", 6, 12), ("answer", 24, 30)]]
 
 
+def test_keep_aspect_maps_equal_the_recomputation_on_wide_and_tall_images():
+    """--aspect keep: each image at its own input size (one batch, several UNet calls), the
+    non-square maps resampled to R × R over the whole image."""
+    model = tiny_sd()
+    teacher = Teacher(model, ExtractionSettings(timesteps=TIMESTEPS, resolution=16, seed=7, aspect="keep"))
+    images = [random_image(0, (96, 48)), random_image(1, (40, 80)), random_image(2, (48, 40))]
+    texts = ["a red circle", "two blue squares", "a green star"]
+    results = teacher.word_maps(images, [{"answer": t} for t in texts], [record_seed(7, f"id{i}") for i in range(3)])
+    # about the native 32² area, sides multiples of 8 (VAE 4 × UNet 2): latents 6×12, 12×6, 8×8
+    assert [r.input_size for r in results] == [(48, 24), (24, 48), (32, 32)]
+    for i, (image, text, result) in enumerate(zip(images, texts, results)):
+        expected = reference_maps(model, image, text, f"id{i}", seed=7, resolution=16, size=result.input_size)
+        assert set(result.maps) == set(expected)
+        for key in expected:
+            np.testing.assert_allclose(result.maps[key], expected[key], atol=1e-5, err_msg=f"{text!r}: {key}")
+
+
 def test_probes_go_on_chosen_cross_attention_only_and_leave_outputs_unchanged():
     model = tiny_sd()
     teacher = Teacher(model, ExtractionSettings(timesteps=(500,)))
@@ -112,9 +133,9 @@ def test_probes_go_on_chosen_cross_attention_only_and_leave_outputs_unchanged():
     assert all(name.startswith(("down_blocks.0", "up_blocks.1")) for name in teacher.layers)
     assert len(teacher.layers) == 3
     sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    hidden, _ = teacher.encode_texts(["a red circle", "two squares"])
+    hidden = torch.stack(teacher.encode_texts(["a red circle", "two squares"])[0])
     with torch.no_grad():
-        teacher.accumulator.reset(teacher.grid, 8, 8)
+        teacher.accumulator.reset(8, 8, teacher.factor)
         ours = teacher.unet(sample, 500, encoder_hidden_states=hidden).sample
         plain = reference(sample, 500, encoder_hidden_states=hidden).sample
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)

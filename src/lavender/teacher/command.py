@@ -30,8 +30,21 @@ def _int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _resolutions(text: str) -> tuple[int, ...]:
+    from lavender.teacher.extract import RESOLUTION_PRESETS
+
+    if text in RESOLUTION_PRESETS:
+        return RESOLUTION_PRESETS[text]
+    try:
+        return _int_list(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sizes or one of {', '.join(RESOLUTION_PRESETS)}, got {text!r}"
+        ) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lavender.teacher.extract import NORMALIZATIONS, ExtractionSettings
+    from lavender.teacher.extract import ASPECTS, LONG_TEXTS, NORMALIZATIONS, ExtractionSettings
 
     defaults = ExtractionSettings()
     io = parser.add_argument_group("input and output")
@@ -46,15 +59,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stored maps are R×R (default: %(default)s)")
     method.add_argument("--timesteps", type=_int_list, default=defaults.timesteps,
                         help="noise levels averaged, comma-separated (default: %s)" % ",".join(map(str, defaults.timesteps)))
-    method.add_argument("--resolutions", type=_int_list, default=None,
-                        help="cross-attention map sizes to use, e.g. 64,32,16 for SD-1.x at 512 px "
+    method.add_argument("--resolutions", type=_resolutions, default=None,
+                        help="cross-attention map sizes to use, at the model's native square input, e.g. 64,32,16 "
+                        "for SD-1.x at 512 px; or `lpm`: 16 only, the prompt-to-prompt / Local Prompt Mixing choice "
                         "(default: all but the coarsest)")
     method.add_argument("--layers", default=None,
                         help="regex over cross-attention module names to keep, e.g. '^up_blocks' (default: all)")
     method.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default=defaults.normalize,
                         help="per-word normalisation (default: %(default)s)")
     method.add_argument("--image-size", type=int, default=None,
-                        help="images are resized to this square (default: the model's native size)")
+                        help="images are resized to this square, or to its area with --aspect keep "
+                        "(default: the model's native size)")
+    method.add_argument("--aspect", choices=ASPECTS, default=defaults.aspect,
+                        help="stretch: the whole image to the square; keep: the whole image at its aspect ratio, "
+                        "sides a multiple of the latent grid; either way the maps cover the full image (default: %(default)s)")
+    method.add_argument("--long-text", choices=LONG_TEXTS, default=defaults.long_text,
+                        help="text past the text encoder's context (77 CLIP tokens): truncate (its words get no map, "
+                        "and are listed) or chunk (encoded in context-sized chunks, concatenated) (default: %(default)s)")
     method.add_argument("--seed", type=int, default=defaults.seed, help="noise seed (default: %(default)s)")
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=int, default=8, help="images per UNet call (default: %(default)s)")
@@ -88,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             layers=args.layers,
             normalize=args.normalize,
             image_size=args.image_size,
+            aspect=args.aspect,
+            long_text=args.long_text,
             seed=args.seed,
         )
         # a record with unusable fields fails alone, with its reason, like an unreadable image

@@ -2,19 +2,25 @@
 
 For a batch of (image, text) pairs, one UNet call does all the work:
 
-1. the image is encoded by the VAE (latent mean × scaling factor; a pixel-space model
-   without a VAE uses the pixels), the text once by the text encoder;
-2. each latent is noised at K timesteps (``scheduler.add_noise``, seeded per record) and
-   the B·K copies go through the UNet together; no classifier-free guidance is needed;
+1. the image is resized to the UNet's input (stretched to the native square, or, with
+   ``aspect="keep"``, to about the native area with its aspect ratio kept) and encoded by the
+   VAE (latent mean × scaling factor; a pixel-space model without a VAE uses the pixels), the
+   text once by the text encoder;
+2. each latent is noised at K timesteps with the training forward process
+   x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε (ᾱ from the folder's betas, whatever its inference scheduler;
+   noise seeded per record) and the B·K copies go through the UNet together; no
+   classifier-free guidance is needed;
 3. only the chosen cross-attention modules (``attn2`` in SD) get :class:`CrossAttentionProbe`,
    which computes the softmax explicitly in fp32 and adds the head-mean probabilities to an
    accumulator on a common grid; self-attention keeps the fast SDPA path;
 4. the accumulator is averaged over layers and timesteps, sub-tokens are summed into words
    (through the tokenizer's offsets, :func:`lavender.words.tokens_of_words`), and each word's
-   map is resized to R×R and normalised.
+   map is resized to R×R and normalised. Whatever the input's shape, the R×R map covers the
+   full image in normalised coordinates (no crop, no padding).
 
-Text longer than the text encoder's context (77 CLIP tokens) is truncated; words left
-without tokens are returned in :attr:`SampleMaps.missing`, never silently dropped.
+Text longer than the text encoder's context (77 CLIP tokens) is truncated, or with
+``long_text="chunk"`` encoded in chunks whose embeddings are concatenated along the key axis;
+words left without tokens are returned in :attr:`SampleMaps.missing`, never silently dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import json
 import math
 import re
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +44,23 @@ from lavender.words import Word, split_words, tokens_of_words
 # The text sides a record can supply, and how "both" is laid out in one prompt.
 SIDES = ("question", "answer")
 BOTH_SEPARATOR = "\n"
+# How an image reaches the UNet: stretched to the native square, or with its aspect ratio kept.
+ASPECTS = ("stretch", "keep")
+# What happens to text beyond the text encoder's context.
+LONG_TEXTS = ("truncate", "chunk")
+# Named choices of cross-attention map sizes (sizes at the model's native square input).
+# lpm: prompt-to-prompt's and Local Prompt Mixing's 16×16 maps (SD-1.x: down_blocks.2, up_blocks.1).
+RESOLUTION_PRESETS: dict[str, tuple[int, ...]] = {"lpm": (16,)}
+# The scheduler-config entries that define the training forward process (ᾱ_t); the rest of a
+# scheduler config is about sampling and does not change the UNet's input.
+FORWARD_PROCESS_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "rescale_betas_zero_snr",
+)
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -67,10 +91,12 @@ class ExtractionSettings:
     text: str = "answer"  # question | answer | both
     resolution: int = 32  # stored maps are R×R
     timesteps: tuple[int, ...] = (100, 300, 500)
-    resolutions: tuple[int, ...] | None = None  # attention-map sizes to keep; None: all but the coarsest
+    resolutions: tuple[int, ...] | None = None  # attention-map sizes (at the native square) to keep; None: all but the coarsest
     layers: str | None = None  # optional regex over cross-attention module names, applied after `resolutions`
     normalize: str = "minmax"
     image_size: int | None = None  # None: the model's native size (unet sample size × VAE factor)
+    aspect: str = "stretch"  # stretch: to the image_size square; keep: about image_size² pixels, aspect kept
+    long_text: str = "truncate"  # truncate | chunk (context-sized chunks, concatenated along the key axis)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +106,12 @@ class ExtractionSettings:
             raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)}, got {self.normalize!r}")
         if not self.timesteps:
             raise ValueError("give at least one timestep")
+        if min(self.timesteps) < 0:
+            raise ValueError(f"timesteps must be non-negative, got {min(self.timesteps)}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {self.aspect!r}")
+        if self.long_text not in LONG_TEXTS:
+            raise ValueError(f"long_text must be one of {', '.join(LONG_TEXTS)}, got {self.long_text!r}")
         if self.resolution < 1:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
 
@@ -103,6 +135,7 @@ class SampleMaps:
     maps: dict[str, np.ndarray]  # key → float32 (R, R)
     words: list[WordEntry]
     missing: list[tuple[str, str, int, int]] = field(default_factory=list)  # (text, side, start, end)
+    input_size: tuple[int, int] | None = None  # (width, height) in pixels of what the VAE/UNet saw
 
 
 class CrossAttentionProbe:
@@ -147,24 +180,38 @@ class CrossAttentionProbe:
 
 
 class AttentionAccumulator:
-    """Sums (B, N, T) attention maps of any resolution on a (grid × grid) canvas."""
+    """Sums (B, N, T) attention maps of any resolution on the grid of the finest chosen one.
+
+    The latent is (height, width); a layer ``factor`` times coarser has ⌈height/factor⌉ ×
+    ⌈width/factor⌉ queries (stride-2 convolutions round up), which tells each call's shape.
+    """
 
     def __init__(self) -> None:
         self.total: torch.Tensor | None = None
         self.count = 0
-        self.grid = 0
-        self.aspect = 1.0  # latent height / width
+        self.height = self.width = 0
+        self.grid = (0, 0)
 
-    def reset(self, grid: int, height: int, width: int) -> None:
-        self.total, self.count, self.grid, self.aspect = None, 0, grid, height / width
+    def reset(self, height: int, width: int, factor: int) -> None:
+        """A new latent of (height, width); maps are accumulated at ``factor`` times coarser."""
+        self.total, self.count, self.height, self.width = None, 0, height, width
+        self.grid = (-(-height // factor), -(-width // factor))
+
+    def _shape(self, queries: int) -> tuple[int, int]:
+        factor = 1
+        while factor <= max(self.height, self.width):
+            height, width = -(-self.height // factor), -(-self.width // factor)
+            if height * width == queries:
+                return height, width
+            factor *= 2
+        raise ValueError(f"{queries} attention queries match no downsampling of a {self.height}×{self.width} latent")
 
     def add(self, probs: torch.Tensor) -> None:
         batch, queries, tokens = probs.shape
-        width = round(math.sqrt(queries / self.aspect))
-        height = queries // width
+        height, width = self._shape(queries)
         maps = probs.transpose(1, 2).reshape(batch, tokens, height, width)
-        if (height, width) != (self.grid, self.grid):
-            maps = F.interpolate(maps, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        if (height, width) != self.grid:
+            maps = F.interpolate(maps, size=self.grid, mode="bilinear", align_corners=False)
         self.total = maps if self.total is None else self.total + maps
         self.count += 1
 
@@ -172,6 +219,20 @@ class AttentionAccumulator:
         if self.total is None:
             raise RuntimeError("no cross-attention layer was recorded: check --resolutions / --layers")
         return self.total / self.count
+
+
+def keep_aspect_size(size: tuple[int, int], side: int, multiple: int) -> tuple[int, int]:
+    """An image's (width, height) → the UNet-input (width, height) that keeps its aspect ratio.
+
+    The input has about the area of a ``side``² square (the model's native size), each side
+    rounded to a multiple of ``multiple`` (VAE factor × UNet downsampling, so every latent
+    level is whole), at least one multiple. The whole image is resized to it: nothing is cropped
+    or padded, so the input, and every map made from it, covers exactly the full image; only
+    the rounding changes the aspect ratio slightly.
+    """
+    width, height = size
+    scale = side / math.sqrt(width * height)
+    return (max(multiple, round(width * scale / multiple) * multiple), max(multiple, round(height * scale / multiple) * multiple))
 
 
 def cross_attention_levels(unet) -> dict[str, int]:
@@ -221,16 +282,26 @@ def record_seed(seed: int, record_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def _load_scheduler(path: Path):
-    # Only the forward (noising) process is used, which every SD scheduler shares through its
-    # betas; the scheduler's own class is loaded so its config is read without translation.
-    import diffusers
+def forward_process(path: Path):
+    """A ``DDPMScheduler`` with the training forward process of the model folder ``path``.
 
-    config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    scheduler_class = getattr(diffusers, config.get("_class_name", ""), None)
-    if scheduler_class is None or not hasattr(scheduler_class, "add_noise"):
-        raise ValueError(f"{path / 'scheduler'}: scheduler {config.get('_class_name')!r} has no add_noise")
-    return scheduler_class.from_config(config)
+    Only the betas matter (:data:`FORWARD_PROCESS_KEYS`), so the folder's scheduler class is
+    never instantiated: Euler/Heun-type ``add_noise`` returns x + σε (expecting
+    ``scale_model_input``), DPM-Solver/UniPC-type index their sigmas backwards before
+    ``set_timesteps``, LMS needs scipy. The prediction type does not change the UNet's input.
+    """
+    from diffusers import DDPMScheduler
+
+    folder = path / "scheduler"
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    name = config.get("_class_name")
+    if config.get("beta_schedule") is None and config.get("trained_betas") is None:
+        raise ValueError(f"{folder}: scheduler {name!r} names no betas (beta_schedule or trained_betas): "
+                         "not a DDPM-style (SD-1.x/2.x) model")
+    try:
+        return DDPMScheduler(**{key: config[key] for key in FORWARD_PROCESS_KEYS if key in config})
+    except NotImplementedError as error:  # diffusers' answer to an unknown beta_schedule
+        raise ValueError(f"{folder}: scheduler {name!r}: {error}") from None
 
 
 class Teacher:
@@ -262,19 +333,27 @@ class Teacher:
         self.vae = None
         if (path / "vae").is_dir():
             self.vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype).to(self.device).eval()
-        self.scheduler = _load_scheduler(path)
+        self.scheduler = forward_process(path)
+        train_steps = self.scheduler.config.num_train_timesteps
+        for t in settings.timesteps:
+            if not 0 <= t < train_steps:
+                raise ValueError(f"--timesteps: {t} is outside 0..{train_steps - 1} "
+                                 f"(the model was trained with num_train_timesteps={train_steps})")
 
-        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self.image_size = settings.image_size or self.unet.config.sample_size * vae_factor
-        self.latent_size = self.image_size // vae_factor
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+        self.image_size = settings.image_size or self.unet.config.sample_size * self.vae_factor
+        self.latent_size = self.image_size // self.vae_factor
+        # input sides in pixels that every latent level divides (SD-1.x: 8 × 8 = 64)
+        self.input_multiple = self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.context_length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
-        self.layers, self.grid = self._choose_layers()
+        self.layers, self.factor = self._choose_layers()
         self.accumulator = AttentionAccumulator()
         for name in self.layers:
             self.unet.get_submodule(name).set_processor(CrossAttentionProbe(self.accumulator))
 
     def _choose_layers(self) -> tuple[list[str], int]:
-        """The cross-attention modules to probe, and the common grid: the finest of their sizes."""
+        """The cross-attention modules to probe, and the common grid's downsampling factor
+        (the finest of theirs). Layers are named by their map size at the native square input."""
         levels = cross_attention_levels(self.unet)
         sizes = {name: self.latent_size // factor for name, factor in levels.items()}
         available = sorted(set(sizes.values()), reverse=True)
@@ -290,7 +369,7 @@ class Teacher:
             layers = [name for name in layers if pattern.search(name)]
         if not layers:
             raise ValueError(f"no cross-attention layer matches --layers {self.settings.layers!r} among {sorted(sizes)}")
-        return layers, max(sizes[name] for name in layers)
+        return layers, min(levels[name] for name in layers)
 
     def describe(self) -> dict:
         """Model identity and the resolved choices, for the store's metadata."""
@@ -302,13 +381,27 @@ class Teacher:
             "pixel_space": self.vae is None,
             "layers": self.layers,
             "context_length": self.context_length,
+            # noising is the training forward process from these entries, not the folder's sampler
+            "forward_process": {
+                "scheduler_class": json.loads((self.path / "scheduler" / "scheduler_config.json").read_text()).get("_class_name"),
+                **{key: self.scheduler.config[key] for key in FORWARD_PROCESS_KEYS},
+                "prediction_type": self.scheduler.config.prediction_type,
+            },
+            # the store's convention, whatever --aspect: each R×R map spans the whole image
+            "map_canvas": "full image, normalised coordinates",
         }
 
     # ---- the three stages -------------------------------------------------------------
 
-    def _pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        size = (self.image_size, self.image_size)
-        # stretched to the square canvas, like the student's maps, which cover the whole image
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """An image's (width, height) → the (width, height) the VAE/UNet gets."""
+        if self.settings.aspect == "keep":
+            return keep_aspect_size(size, self.image_size, self.input_multiple)
+        return self.image_size, self.image_size
+
+    def _pixels(self, images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        # the whole image, resized (stretched unless its aspect ratio fits `size`): the maps
+        # cover the full image, like the student's
         # reducing_gap: an 8000 px scan is first box-reduced, then resampled (fast, same quality)
         arrays = [
             np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.float32)
@@ -318,27 +411,60 @@ class Teacher:
         return pixels.to(self.device, self.dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self._pixels(images)
+    def encode_images(self, images: Sequence[Image.Image], size: tuple[int, int]) -> torch.Tensor:
+        """Images resized to ``size`` (width, height) → latents."""
+        pixels = self._pixels(images, size)
         if self.vae is None:
             return pixels
         return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, list[list[tuple[int, int]]]]:
+    def encode_texts(self, texts: Sequence[str]) -> tuple[list[torch.Tensor], list[list[tuple[int, int]]]]:
+        """Per text: its (L, D) key states and each key's character span in the text (empty for
+        special and padding tokens). L is the context length, or a multiple of it when a long
+        text is chunked."""
+        pieces = [[(0, text)] for text in texts] if self.settings.long_text == "truncate" else [self._chunks(t) for t in texts]
         batch = self.tokenizer(
-            list(texts),
+            [piece for chunks in pieces for _, piece in chunks],
             padding="max_length",
             max_length=self.context_length,
             truncation=True,
             return_offsets_mapping=True,
             return_tensors="pt",
         )
-        hidden = self.text_encoder(input_ids=batch["input_ids"].to(self.device))[0]
-        return hidden.to(self.dtype), [[tuple(pair) for pair in row] for row in batch["offset_mapping"].tolist()]
+        hidden = self.text_encoder(input_ids=batch["input_ids"].to(self.device))[0].to(self.dtype)
+        rows = iter(zip(hidden, batch["offset_mapping"].tolist()))
+        states, offsets = [], []
+        for chunks in pieces:
+            encoded = [next(rows) for _ in chunks]
+            states.append(torch.cat([h for h, _ in encoded]))
+            offsets.append([
+                (a + start, b + start) if b > a else (0, 0)
+                for (start, _), (_, spans) in zip(chunks, encoded)
+                for a, b in spans
+            ])
+        return states, offsets
+
+    def _chunks(self, text: str) -> list[tuple[int, str]]:
+        """``text`` cut into pieces that each fit the context with the tokenizer's special
+        tokens, between words where a word fits: (start character, piece) per chunk."""
+        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        capacity = self.context_length - self.tokenizer.num_special_tokens_to_add()
+        inside = set()  # token indices a cut may not fall before: they continue a word
+        for group in tokens_of_words(spans, split_words(text)):
+            inside.update(range(group[0] + 1, group[-1] + 1) if group else ())
+        cuts = [0]  # the token each chunk starts with
+        while len(spans) - cuts[-1] > capacity:
+            limit = cuts[-1] + capacity
+            # the latest cut that splits no word; a word longer than a chunk is split (and reported)
+            cuts.append(next((c for c in range(limit, cuts[-1], -1) if c not in inside), limit))
+        starts = [0] + [spans[c][0] for c in cuts[1:]]
+        ends = starts[1:] + [len(text)]
+        return [(a, text[a:b]) for a, b in zip(starts, ends)]
 
     def noised(self, latents: torch.Tensor, seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """B latents → B·K noised copies (sample-major) and their timesteps."""
+        """B latents → B·K noised copies (sample-major) and their timesteps, by the training
+        forward process x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
         steps = torch.tensor(self.settings.timesteps, dtype=torch.long)
         k = len(steps)
         noise = torch.stack(
@@ -351,23 +477,39 @@ class Teacher:
 
     @torch.no_grad()
     def token_maps(self, images: Sequence[Image.Image], texts: Sequence[str], seeds: Sequence[int]):
-        """(B, T, G, G) float32 maps per token position, averaged over layers, heads and timesteps;
-        and the tokenizer's offsets per text."""
-        latents = self.encode_images(images)
-        hidden, offsets = self.encode_texts(texts)
-        noisy, timesteps = self.noised(latents, seeds)
+        """Per record: (L, h, w) float32 maps per key position, averaged over layers, heads and
+        timesteps (h × w: the finest chosen grid of its input); its keys' character spans; and
+        its input (width, height).
+
+        Records with the same input size and text length share one UNet call of B·K latents.
+        """
+        sizes = [self.input_size(image.size) for image in images]
+        states, offsets = self.encode_texts(texts)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (size, state) in enumerate(zip(sizes, states)):
+            groups[(size, state.shape[0])].append(i)
         k = len(self.settings.timesteps)
-        self.accumulator.reset(self.grid, *noisy.shape[-2:])
-        self.unet(noisy, timesteps, encoder_hidden_states=hidden.repeat_interleave(k, dim=0))
-        maps = self.accumulator.mean()
-        maps = maps.view(len(texts), k, *maps.shape[1:]).mean(dim=1)
-        return maps, offsets
+        maps: list[torch.Tensor] = [torch.empty(0)] * len(images)
+        for (size, _), members in groups.items():
+            latents = self.encode_images([images[i] for i in members], size)
+            noisy, timesteps = self.noised(latents, [seeds[i] for i in members])
+            self.accumulator.reset(*noisy.shape[-2:], self.factor)
+            hidden = torch.stack([states[i] for i in members]).repeat_interleave(k, dim=0)
+            self.unet(noisy, timesteps, encoder_hidden_states=hidden)
+            mean = self.accumulator.mean()
+            mean = mean.view(len(members), k, *mean.shape[1:]).mean(dim=1)
+            for row, i in enumerate(members):
+                maps[i] = mean[row]
+        return maps, offsets, sizes
 
     def word_maps(self, images: Sequence[Image.Image], records_text: Sequence[dict[str, str]], seeds: Sequence[int]) -> list[SampleMaps]:
         """Per-word maps for a batch. ``records_text`` holds, per record, its text per side."""
         prompts, layouts = zip(*(self._prompt(sides) for sides in records_text))
-        token_maps, offsets = self.token_maps(images, prompts, seeds)
-        return [self._words(token_maps[i], offsets[i], layouts[i]) for i in range(len(prompts))]
+        token_maps, offsets, sizes = self.token_maps(images, prompts, seeds)
+        results = [self._words(token_maps[i], offsets[i], layouts[i]) for i in range(len(prompts))]
+        for result, size in zip(results, sizes):
+            result.input_size = size
+        return results
 
     # ---- words ---------------------------------------------------------------------------
 
@@ -387,13 +529,12 @@ class Teacher:
         self, token_maps: torch.Tensor, offsets: list[tuple[int, int]], layout: list[tuple[str, Word, Word]]
     ) -> SampleMaps:
         groups = tokens_of_words(offsets, [in_prompt for _, in_prompt, _ in layout])
-        covered = max((end for start, end in offsets if end > start), default=0)
         entries: dict[str, WordEntry] = {}
         summed: dict[str, torch.Tensor] = {}
         missing = []
         for (side, in_prompt, word), tokens in zip(layout, groups):
             # a word cut by truncation is missing too: half a word's tokens is not its map
-            if not tokens or in_prompt.end > covered:
+            if not tokens or max(offsets[t][1] for t in tokens) < in_prompt.end:
                 missing.append((word.text, side, word.start, word.end))
                 continue
             # every occurrence of a key adds to one map: the store holds one map per word key
@@ -410,7 +551,8 @@ class Teacher:
 
 
 def resize_maps(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, G, G) → (N, 1, size, size); antialiased when shrinking, so no detail is aliased."""
+    """(N, 1, h, w) → (N, 1, size, size) over the same extent (a non-square map is resampled to
+    the square: both span the full image); antialiased when shrinking, so no detail is aliased."""
     if maps.shape[-1] == size and maps.shape[-2] == size:
         return maps
     return F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

@@ -179,13 +179,13 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
             [texts for _, _, _, texts in batch],
             [record_seed(teacher.settings.seed, record.id) for record, _, _, _ in batch],
         )
-        for (record, turn, _, _), result in zip(batch, maps):
+        for (record, turn, image, _), result in zip(batch, maps):
             results.setdefault(record.id, []).append((turn, result))
             if len(results[record.id]) == expected[record.id]:
-                finish(record, results.pop(record.id))
+                finish(record, image, results.pop(record.id))
 
-    def finish(record: Record, per_turn: list[tuple[int, SampleMaps]]) -> None:
-        entry, maps = _shard_record(record, per_turn)
+    def finish(record: Record, image, per_turn: list[tuple[int, SampleMaps]]) -> None:
+        entry, maps = _shard_record(record, image, per_turn)
         if maps is None:
             fail(record, "no word got a map")
             return
@@ -214,9 +214,10 @@ def _process_shard(chunk: list[Record], teacher: Teacher, batch_size: int, stric
     return stored, errors, sum(expected[entry.id] for entry, _ in stored)
 
 
-def _shard_record(record: Record, per_turn: list[tuple[int, SampleMaps]]):
+def _shard_record(record: Record, image, per_turn: list[tuple[int, SampleMaps]]):
     """One record's entry and its (n_words, R, R) maps from its exchanges' results, words under
-    turn-qualified keys in exchange order; maps is None when no word of any exchange got one."""
+    turn-qualified keys in exchange order; maps is None when no word of any exchange got one.
+    Every exchange saw the same image, so any exchange's UNet input size is the record's."""
     import numpy as np
 
     words, missing, maps = [], [], []
@@ -226,5 +227,12 @@ def _shard_record(record: Record, per_turn: list[tuple[int, SampleMaps]]):
             words.append({"key": key, "text": word.text, "turn": turn, "spans": [list(s) for s in word.spans]})
             maps.append(result.maps[word.key])
         missing += [{"text": t, "turn": turn, "side": s, "start": a, "end": b} for t, s, a, b in result.missing]
-    entry = ShardRecord(id=record.id, image=image_reference(record), words=words, missing=missing)
+    entry = ShardRecord(
+        id=record.id,
+        image=image_reference(record),
+        words=words,
+        missing=missing,
+        image_size=list(image.size),
+        input_size=list(per_turn[0][1].input_size),
+    )
     return entry, (np.stack(maps) if maps else None)

@@ -11,8 +11,8 @@ record, ``(n_words, R, R)``, named by the record's place in the shard (``record_
 never a tensor name, so ``__metadata__`` or any other id cannot break the file); its safetensors
 header (the ``"lavender"`` metadata entry, JSON) lists, for each record, the stored words in tensor
 order (``key``, surface ``text``, ``turn`` and ``(side, start, end)`` character spans in that
-turn's side text), the words that got no map, its tensor's name, and the records that failed with
-their reason. The headers together are the index: :func:`open_store` reads only them, and a map
+turn's side text), the words that got no map, its tensor's name, what the teacher saw (the image's
+size and the UNet input's size), and the records that failed with their reason. The headers together are the index: :func:`open_store` reads only them, and a map
 is read when asked for.
 
 Turns: a record is a conversation of question–answer exchanges
@@ -138,6 +138,10 @@ class ShardRecord:
     words: list[dict]  # {"key", "text", "turn", "spans": [[side, start, end], ...]} in tensor order
     missing: list[dict]  # {"text", "turn", "side", "start", "end"}: words that got no map
     tensor: str = ""  # the tensor's name in the shard; "" in stores written before it (named by id)
+    # what the teacher saw: the image's [width, height] and the UNet's input [width, height]
+    # in pixels (the maps cover the whole image either way); absent in stores made before
+    image_size: list[int] | None = None
+    input_size: list[int] | None = None
 
     @property
     def tensor_name(self) -> str:
