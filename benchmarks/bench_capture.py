@@ -124,7 +124,7 @@ def build(model_name: str, device: str):
     return model, inputs, positions
 
 
-def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) -> dict:
+def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, profile: bool = False) -> dict:
     import torch
 
     from lavender.alignment import AlignmentHead, attention_loss, visible_word_rows, word_maps
@@ -197,6 +197,15 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool) ->
         step()
         sync()
         times.append(clock() - start)
+    if profile:  # where one more step's time goes, by operator (after the measurement: no effect on it)
+        from torch.profiler import ProfilerActivity
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            step()
+            sync()
+        order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=order, row_limit=25), file=sys.stderr)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -215,6 +224,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (the fastest is reported)")
     parser.add_argument("--lora", action="store_true", help="LoRA r=8 on q/v of the language model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--profile", choices=MODES, help="run this one mode in-process and print a torch.profiler table")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a subprocess
     args = parser.parse_args()
     if args.mllama_11b:
@@ -224,8 +234,9 @@ def main() -> None:
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    if args.mode:
-        result = run_mode(args.mode, args.models[0], args.device, args.steps, args.lora)
+    if args.mode or args.profile:
+        result = run_mode(args.mode or args.profile, args.models[0], args.device, args.steps, args.lora,
+                          profile=bool(args.profile))
         print(json.dumps(result))
         return
 

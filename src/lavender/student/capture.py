@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -176,11 +176,12 @@ class AttentionCapture:
         def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
             return self.adapter.place(word_probs[:, None], inputs, size, image_sizes, image)[:, 0]
 
+        index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
         maps = []
         for layer in self.layers:
             logits = recording.logits[layer]
             maps.append(_WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
-                                        weights.to(logits.query.device), place, logits.scaling, logits.causal))
+                                        index, place, logits.scaling, logits.causal))
         self._check_gradient(maps[0])
         self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
@@ -350,7 +351,31 @@ def _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal) -> torc
 
 
 # Rows × keys float32 per chunk of heads that ``word_maps`` works on at once: its transient memory.
+# On a CPU small chunks keep the peak low; on an accelerator each chunk costs kernel launches and
+# a Python round trip in forward and again in backward, which at 11B shapes outweighed the
+# arithmetic several times over (BENCHMARKS.md), so chunks there are larger.
 CHUNK_BYTES = 32 * 2**20
+ACCELERATOR_CHUNK_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class _WordIndex:
+    """Which captured rows add into which word, found once per step (``nonzero`` waits for the
+    device) and shared by every layer and chunk: pair p adds ``scale[p]`` × row ``row[p]`` of
+    sample ``sample[p]`` into output slot ``slot[p]`` (= sample × words + word)."""
+
+    sample: torch.Tensor
+    row: torch.Tensor
+    scale: torch.Tensor
+    slot: torch.Tensor
+    batch: int
+    words: int
+
+    @classmethod
+    def of(cls, weights: torch.Tensor) -> _WordIndex:  # weights (B, W, Q)
+        sample, word, row = weights.nonzero(as_tuple=True)
+        batch, words = weights.shape[:2]
+        return cls(sample, row, weights[sample, word, row], sample * words + word, batch, words)
 
 
 class _WordMaps(torch.autograd.Function):
@@ -361,12 +386,12 @@ class _WordMaps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, mask, rows, weights, place, scaling, causal):
-        ctx.save_for_backward(query, key, mask, rows, weights)
-        ctx.place, ctx.scaling, ctx.causal = place, scaling, causal
+    def forward(ctx, query, key, mask, rows, index, place, scaling, causal):
+        ctx.save_for_backward(query, key, mask, rows)
+        ctx.index, ctx.place, ctx.scaling, ctx.causal = index, place, scaling, causal
         return torch.cat(
             [
-                _place_words(*_heads(query, key, mask, chunk), rows, weights, place, scaling, causal)
+                _place_words(*_heads(query, key, mask, chunk), rows, index, place, scaling, causal)
                 for chunk in _head_chunks(query, key)
             ],
             dim=1,
@@ -374,7 +399,7 @@ class _WordMaps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, mask, rows, weights = ctx.saved_tensors
+        query, key, mask, rows = ctx.saved_tensors
         need_query, need_key = ctx.needs_input_grad[:2]
         grad_query, grad_key = [], []
         for chunk in _head_chunks(query, key):
@@ -384,7 +409,7 @@ class _WordMaps(torch.autograd.Function):
             if not needs:
                 break
             with torch.enable_grad():
-                maps = _place_words(q, k, m, rows, weights, ctx.place, ctx.scaling, ctx.causal)
+                maps = _place_words(q, k, m, rows, ctx.index, ctx.place, ctx.scaling, ctx.causal)
                 grads = list(torch.autograd.grad(maps, needs, grad[:, _query_heads(query, key, chunk)]))
             if need_query:
                 grad_query.append(grads.pop(0))
@@ -400,7 +425,8 @@ def _head_chunks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
     batch, heads, rows, _ = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     per_key_head = batch * (heads // kv_heads) * rows * keys * 4
-    step = max(1, CHUNK_BYTES // max(per_key_head, 1))
+    limit = CHUNK_BYTES if query.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    step = max(1, limit // max(per_key_head, 1))
     return [slice(start, min(start + step, kv_heads)) for start in range(0, kv_heads, step)]
 
 
@@ -417,20 +443,18 @@ def _heads(query, key, mask, chunk: slice):
     return query[:, heads], key[:, chunk], mask
 
 
-def _place_words(query, key, mask, rows, weights, place, scaling, causal) -> torch.Tensor:
+def _place_words(query, key, mask, rows, index: _WordIndex, place, scaling, causal) -> torch.Tensor:
     probs = _softmax_rows(query, key, mask, rows, scaling, causal)  # (B, H, Q, S)
-    return place(_word_means(probs, weights))  # (B, H, W, S) → (B, H, W, R, R)
+    return place(_word_means(probs, index))  # (B, H, W, S) → (B, H, W, R, R)
 
 
-def _word_means(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _word_means(probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:
     """``weights (B, W, Q) @ probs (B, H, Q, S)`` → (B, H, W, S), summing only the rows each word
     has: a word has a handful of rows, so the dense product would be mostly multiplications by 0."""
-    batch, heads, queries, keys = probs.shape
-    sample, word, row = weights.nonzero(as_tuple=True)
-    picked = probs[sample, :, row] * weights[sample, word, row][:, None, None]  # (pairs, H, S)
-    out = probs.new_zeros(batch * weights.shape[1], heads, keys)
-    out = out.index_add(0, sample * weights.shape[1] + word, picked)
-    return out.view(batch, weights.shape[1], heads, keys).transpose(1, 2)
+    _, heads, _, keys = probs.shape
+    picked = probs[index.sample, :, index.row] * index.scale[:, None, None]  # (pairs, H, S)
+    out = probs.new_zeros(index.batch * index.words, heads, keys).index_add(0, index.slot, picked)
+    return out.view(index.batch, index.words, heads, keys).transpose(1, 2)
 
 
 def _in_backward() -> bool:

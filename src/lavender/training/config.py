@@ -44,9 +44,12 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
     # the collator's extra keys (targets, word rows) must reach compute_loss
     "remove_unused_columns": False,
-    # non-reentrant checkpointing keeps the captured maps attached to the graph
-    "activation_checkpointing_kwargs": {"use_reentrant": False},
 }
+# Non-reentrant checkpointing keeps the captured maps attached to the graph. transformers 5.2x
+# renamed the key (`gradient_checkpointing_kwargs` stays a deprecated alias there): use the
+# name the installed version knows.
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
+CHECKPOINTING_KWARGS_KEYS = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
 
 
 class ConfigError(LavenderError, ValueError):
@@ -246,6 +249,9 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
 
     lavender_keys = {k: _coerce(k, v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
     training_keys = {**TRAINING_DEFAULTS}
+    if not any(key in keys for key in CHECKPOINTING_KWARGS_KEYS):
+        known = next(key for key in CHECKPOINTING_KWARGS_KEYS if key in training_names)
+        training_keys[known] = dict(CHECKPOINTING_KWARGS)
     training_keys.update({k: _coerce(k, v, training_types.get(k)) for k, v in keys.items() if k in training_names})
     _check_training(training_keys)
 
