@@ -256,7 +256,8 @@ class LavenderTrainer(Trainer):
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _lm_loss_is_scaled(self, num_items_in_batch) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
+        # the class attribute exists from transformers 5.2x; earlier versions apply the rule below
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
