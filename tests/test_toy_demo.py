@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from lavender.cli import build_parser
-from lavender.toy.demo import locate_models, mean_interval, write_mask_store
+from lavender.toy.demo import (
+    ARMS,
+    derangement,
+    locate_models,
+    mean_interval,
+    write_derangement_store,
+    write_mask_store,
+)
 from lavender.toy.splits import write_world
 from lavender.toy.vlm import VLMConfig, pretrain
 
@@ -47,20 +54,36 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
     assert code == 0
     results = json.loads((output / "results.json").read_text())
     for arch in ("llava", "mllama"):
-        for arm in ("pretrained", "sft", "lavender", "oracle"):
-            for split in ("test_id", "test_ood"):
+        for arm in ("pretrained", *ARMS):
+            for split in ("train", "test_id", "test_ood"):
                 entry = results["accuracy"][arch][arm][split]
                 assert 0.0 <= entry["overall"]["mean"] <= 1.0 and entry["overall"]["n"] == 1
                 assert entry["by_question_type"]
+            for split in ("test_id", "test_ood"):
                 assert results["attention"][arch][arm][split]["entropy"] is not None
-    # each arm was really trained: λ = 0 for plain SFT, > 0 for the others
+        # the verdict: every arm − SFT in points, recomputed here from the accuracy table
+        verdict = results["summary"][arch]
+        assert set(verdict) == {"lavender_minus_sft", "oracle_minus_sft", "random_minus_sft", "inverted_minus_sft",
+                                "lavender_minus_random", "share_of_oracle"}
+        for split in ("test_id", "test_ood"):
+            accuracy = {arm: results["accuracy"][arch][arm][split]["overall"]["mean"] for arm in ARMS}
+            for arm in ("lavender", "oracle", "random", "inverted"):
+                entry = verdict[f"{arm}_minus_sft"][split]
+                assert entry["mean"] == pytest.approx(100 * (accuracy[arm] - accuracy["sft"]), abs=0.01)
+                assert entry["ci95"] is None and entry["n"] == 1  # one seed: no interval
+    # each arm was really trained, on its own store: λ = 0 for plain SFT, > 0 for the others
     from lavender.toy.demo import QUICK
 
-    for arm, weight in (("sft", 0.0), ("lavender", QUICK.att_weight), ("oracle", QUICK.att_weight)):
+    stores = {"sft": "targets/sft", "lavender": "targets/sft", "oracle": "targets/oracle",
+              "random": "targets/random", "inverted": "targets/inverted"}
+    for arm, store in stores.items():
         train_keys = (output / "train" / "llava" / arm / "seed0" / "lavender_train.yaml").read_text()
+        weight = 0.0 if arm == "sft" else QUICK.att_weight
         assert f"att_weight: {weight}" in train_keys and f"att_rows: {QUICK.rows}" in train_keys
+        assert f"targets_dir: {output / store}\n" in train_keys
     assert results["teacher"]["sft"]["words"] > 0
-    assert "| llava | lavender − sft |" in (output / "results.md").read_text()
+    text = (output / "results.md").read_text()
+    assert "| llava | test_ood | " in text and "random − sft" in text and "| mllama | inverted |" in text
     figures = [output / "figures" / "accuracy.png", *(output / "figures").glob("maps_mllama_*.png")]
     assert len(figures) >= 2 and all(Image.open(path).size[0] > 100 for path in figures)
 
@@ -69,14 +92,19 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     output = tmp_path / "val"
     common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
               "--output", str(output), "--sft-size", "8", "--eval-size", "6")
-    assert _lavender(*common, "--steps", "1") == 0
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender") == 0
     results = json.loads((output / "results.json").read_text())
-    assert set(results["accuracy"]["llava"]["sft"]) == {"val"} and set(results["teacher"]) == {"sft", "val"}
+    assert set(results["accuracy"]["llava"]) >= {"sft", "lavender"} and "oracle" not in results["accuracy"]["llava"]
+    assert set(results["accuracy"]["llava"]["sft"]) == {"train", "val"} and set(results["teacher"]) == {"sft", "val"}
+    assert set(results["summary"]["llava"]["lavender_minus_sft"]) == {"val"}
     assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
     assert "(val):" in (output / "results.md").read_text()
     # the same folder with other settings would mix two runs' models: refused before any work
-    assert _lavender(*common, "--steps", "2") == 2
+    assert _lavender(*common, "--steps", "2", "--arms", "lavender") == 2
     assert "other steps" in capsys.readouterr().out
+    # a world written from one seed is not reported as another's
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--world-seed", "3") == 2
+    assert "seed 0" in capsys.readouterr().out
 
 
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):
@@ -98,6 +126,67 @@ def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):
             np.testing.assert_allclose(maps[word], expected, atol=2e-3)  # float16 storage
             checked += 1
     assert checked > 0
+
+
+def test_inverted_store_is_one_minus_the_oracle(world, tmp_path):
+    from lavender.records import read_records
+    from lavender.teacher.store import open_store
+
+    oracle = open_store(write_mask_store(world / "sft.jsonl", tmp_path / "oracle", resolution=8, text="both"))
+    inverted = open_store(write_mask_store(world / "sft.jsonl", tmp_path / "inverted", resolution=8, text="both",
+                                           invert=True))
+    compared = 0
+    for record in read_records(world / "sft.jsonl"):
+        if record.id not in oracle:
+            continue
+        maps, flipped = oracle.get(record.id), inverted.get(record.id)
+        assert list(maps) == list(flipped)
+        for word in maps:
+            np.testing.assert_allclose(flipped[word], 1.0 - maps[word], atol=2e-3)
+            assert flipped[word].min() == 0.0 and flipped[word].max() == 1.0  # renormalised like the others
+            compared += 1
+    assert compared > 0
+
+
+def test_derangement_moves_every_index_and_is_seeded():
+    for count in (2, 3, 10, 101):
+        order = derangement(count, seed=0)
+        assert sorted(order) == list(range(count)) and all(order[i] != i for i in range(count))
+    assert derangement(50, seed=0) == derangement(50, seed=0) != derangement(50, seed=1)
+
+
+def test_random_store_gives_each_record_another_records_maps(tmp_path):
+    """Hand-made teacher store: word w of record i is filled with i + w/8, so a map says whose it is."""
+    from lavender.teacher.store import ShardRecord, open_store, prepare_store, write_shard
+
+    source = tmp_path / "teacher"
+    words = {0: ["circle", "red"], 1: ["square"], 2: ["red", "triangle"], 3: ["blue"], 4: ["circle"]}
+    prepare_store(source, {"settings": {"text": "both", "resolution": 4, "normalize": "minmax"},
+                           "model_fingerprint": "hand", "layers": [], "records": {"count": 5}, "shard_size": 5})
+    entries = [(ShardRecord(f"r{i}", f"r{i}.png", [{"key": k, "text": k, "spans": [["question", 0, len(k)]]}
+                                                    for k in keys], []),
+                np.full((len(keys), 4, 4), i, dtype=np.float32) + np.arange(len(keys))[:, None, None] / 8)
+               for i, keys in words.items()]
+    write_shard(source, 0, entries, [])
+    teacher = open_store(source)
+    store = open_store(write_derangement_store(source, tmp_path / "random", seed=0))
+    assert store.resolution == 4 and store.metadata["settings"]["text"] == "both"
+    lenders = set()
+    for i, keys in words.items():
+        maps = store.get(f"r{i}")
+        assert list(maps) == keys  # the record's own words
+        owners = set()
+        for key, word_map in maps.items():
+            # which record's map this is: compare with every stored map of the teacher
+            owner = [r for r in teacher.ids() for m in teacher.get(r).values() if np.array_equal(m, word_map)]
+            assert len(owner) == 1 and owner[0] != f"r{i}"
+            lent = teacher.get(owner[0])
+            if key in lent:  # the lender's map of the same word, when it has one
+                np.testing.assert_array_equal(word_map, lent[key])
+            owners.add(owner[0])
+        assert len(owners) == 1  # all of one other record
+        lenders |= owners
+    assert len(lenders) == len(words)  # a permutation: every record lends once
 
 
 def test_missing_weights_name_the_command_that_makes_them(tmp_path):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ HEADER_KEY = "lavender"
 FORMAT_VERSION = 2  # 2: every exchange of a conversation (turn-qualified keys); 1: the first only
 READABLE_VERSIONS = (1, 2)
 TURN_SEPARATOR = "@"
+# Shards whose safetensors handle a reader keeps open (memory-mapped; no file descriptor held).
+OPEN_SHARDS = 64
 # Settings that must match for a re-run to resume into an existing store.
 RESUME_KEYS = ("format_version", "settings", "model_fingerprint", "layers", "records", "shard_size")
 
@@ -192,6 +195,22 @@ class TargetStore:
                     entry.setdefault("turn", 0)
                 self._records[raw["id"]] = (path, ShardRecord(**raw))
             self._errors += [(error["id"], error["reason"]) for error in header["errors"]]
+        # Opening a shard parses its whole header (every record's words): once per shard, not per
+        # read. Shards are immutable once written (atomic rename), so a kept handle never goes stale.
+        self._handles: OrderedDict[Path, Any] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # handles are not picklable (DataLoader workers): a copy reopens shards as it reads
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def _handle(self, path: Path):
+        from safetensors import safe_open
+
+        handle = self._handles.pop(path, None) or safe_open(str(path), framework="numpy")
+        self._handles[path] = handle  # most recently used last
+        if len(self._handles) > OPEN_SHARDS:
+            self._handles.popitem(last=False)
+        return handle
 
     @property
     def resolution(self) -> int:
@@ -222,12 +241,8 @@ class TargetStore:
 
     def get(self, record_id: str) -> dict[str, np.ndarray]:
         """Word key → float32 (R, R) map, normalised as the metadata says."""
-        from safetensors import safe_open
-
         record = self.record(record_id)
-        path = self._records[record_id][0]
-        with safe_open(str(path), framework="numpy") as handle:
-            maps = handle.get_tensor(record.tensor_name).astype(np.float32)
+        maps = self._handle(self._records[record_id][0]).get_tensor(record.tensor_name).astype(np.float32)
         return {word["key"]: maps[i] for i, word in enumerate(record.words)}
 
     def words(self, record_id: str) -> list[dict]:

@@ -1,38 +1,56 @@
-"""The whole method on the toy world, measured: plain SFT vs Lavender vs an oracle.
+"""The whole method on the toy world, measured: plain SFT vs Lavender vs an oracle and two controls.
 
 For each VLM (a small LLaVA and a small Mllama, pretrained by ``lavender toy pretrain-vlm``):
 
 1. teacher maps for the SFT records, from the toy diffusion model (``lavender targets``);
-   an oracle target store made of the ground-truth masks of the same words;
-2. three fine-tunes per seed (``lavender train``, full fine-tuning): ``sft`` (λ = 0),
-   ``lavender`` (λ > 0, teacher maps) and ``oracle`` (λ > 0, mask maps);
-3. each model, and the pretrained one, evaluated on ``test_id`` and ``test_ood``
-   (``lavender eval``: accuracy, and attention against teacher maps and masks); with
-   ``--validation``, on the ``val`` split instead: the runs that choose hyperparameters.
+   an oracle target store made of the ground-truth masks of the same words, and two control
+   stores: ``random`` (each record gets another record's teacher maps) and ``inverted``
+   (1 − the oracle's maps);
+2. one fine-tune per arm and seed (``lavender train``, full fine-tuning): ``sft`` (λ = 0),
+   ``lavender`` (λ > 0, teacher maps), ``oracle`` (mask maps), ``random``, ``inverted``;
+3. each model, and the pretrained one, evaluated on its training records (accuracy only) and on
+   ``test_id`` and ``test_ood`` (``lavender eval``: accuracy, and attention against teacher maps
+   and masks); with ``--validation``, on the ``val`` split instead: the runs that choose
+   hyperparameters.
 
-The results (``results.json``, ``results.md``) give accuracy per arm, split and question type
-as the mean and 95 % interval over seeds, the teacher's own map quality, and the VLMs'
-attention before and after; ``figures/`` holds per-word maps and an accuracy bar chart.
+The runs are independent processes of one thread each (``--jobs`` at a time), so the numbers do
+not depend on the machine's core count or on ``--jobs``. The results (``results.json``,
+``results.md``) give accuracy per arm, split and question type as the mean and 95 % interval over
+seeds, every arm's difference to SFT with its interval (``summary``: the verdict), the teacher's
+own map quality, and the VLMs' attention before and after; ``figures/`` holds per-word maps and
+an accuracy bar chart.
 
 example:
   lavender demo --quick --output runs/demo-quick       # 1 seed, a few steps: a smoke run
   lavender demo --output runs/demo                     # 3 seeds, the numbers in docs/toy.md
   lavender demo --weights DIR                          # DIR/dm, DIR/llava, DIR/mllama
   lavender demo --validation --steps 400 --output runs/val-400   # choose settings on val, never on a test split
+  lavender demo --world-seed 1 --output runs/demo-world1          # the same experiment on another world
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
-ARMS = ("sft", "lavender", "oracle")
+# sft: λ = 0; the others align to a store: the teacher's, the masks', and two controls (another
+# record's teacher maps; 1 − the masks') that tell a gain from the right maps from regularisation
+ARMS = ("sft", "lavender", "oracle", "random", "inverted")
 TEST_SPLITS = ("test_id", "test_ood")
+TRAIN_SPLIT = "train"  # the first eval_size SFT records: what each arm fits
+# Every run (targets, fine-tune, evaluation) uses one intra-op thread: results can depend on the
+# thread count through the order of float reductions, so the same settings give the same numbers
+# on any core count (and in any --jobs); parallelism comes from running runs side by side.
+THREADS = 1
+DERANGEMENT_SEED = 0  # which other record lends its maps in the random arm
 # Student t quantiles (two-sided 95 %) by degrees of freedom, for intervals over a few seeds.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -57,6 +75,7 @@ class DemoSettings:
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
     eval_splits: tuple[str, ...] = TEST_SPLITS  # ("val",): choosing settings
+    arms: tuple[str, ...] = ARMS
 
     @property
     def shown_split(self) -> str:
@@ -95,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the val split instead of the test splits (to choose settings)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
+                        help=f"arms to run; sft is always one (default: {' '.join(defaults.arms)})")
+    parser.add_argument("--world-seed", type=int, default=None,
+                        help=f"seed of the world written under OUTPUT/world (default {defaults.world_seed})")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="runs side by side, one thread each; the numbers do not depend on it "
+                             "(default: the usable cores, at most 8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,17 +128,22 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
                  "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
                  "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
-                 "rows": args.att_rows,
+                 "rows": args.att_rows, "world_seed": args.world_seed,
+                 "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
                  "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    jobs = args.jobs or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if jobs < 1:
+        print(f"lavender demo: --jobs must be at least 1, got {jobs}")
+        return 2
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
     except FileNotFoundError as error:
         print(f"lavender demo: {error}")
         return 2
     try:
-        results = run_demo(settings, models, args.output, world=args.world)
-    except OutputInUse as error:
+        results = run_demo(settings, models, args.output, world=args.world, jobs=jobs)
+    except (OutputInUse, WorldMismatch) as error:
         print(f"lavender demo: {error}")
         return 2
     print(format_results(results))
@@ -136,30 +167,44 @@ def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dic
 
 # ---------------------------------------------------------------- the experiment
 
-def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, world: Path | None = None) -> dict:
-    """Run every step (each resumes: a finished step's output is reused); returns the results."""
+def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, world: Path | None = None,
+             jobs: int = 1) -> dict:
+    """Run every step (each resumes: a finished step's output is reused); returns the results.
+
+    ``jobs`` runs (teacher maps of a split, a fine-tune and its evaluation) go side by side in
+    worker processes of one thread each; with 1 they run in this process, also on one thread.
+    """
+    if world is not None:
+        _check_world_seed(Path(world), settings.world_seed)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _claim_output(output, settings, models)
     start = time.time()
-    world = world or _write_world(output / "world", settings)
+    world = Path(world) if world else _write_world(output / "world", settings)
     data = {split: _subset(world, split, size, output / "data")
             for split, size in (("sft", settings.sft_size), *((s, settings.eval_size) for s in settings.eval_splits))}
-    stores = {split: _teacher_targets(models["dm"], data[split], output / "targets" / split, settings)
-              for split in data}
-    oracle = write_mask_store(data["sft"], output / "targets" / "oracle", settings.resolution, settings.text)
+    # accuracy on what the arms fit; no masks: the attention is measured on the held-out splits
+    data[TRAIN_SPLIT] = _subset(world, "sft", settings.eval_size, output / "data", name=TRAIN_SPLIT, masks=False)
 
-    evaluations: dict[str, dict] = {}
-    for arch in settings.archs:
-        evaluations[f"{arch}/pretrained"] = _evaluate(models[arch], data, stores, output / "eval" / arch / "pretrained",
-                                                       settings)
-        for arm in ARMS:
-            for seed in range(settings.seeds):
-                name = f"{arch}/{arm}/seed{seed}"
-                targets = oracle if arm == "oracle" else stores["sft"]
-                weight = 0.0 if arm == "sft" else settings.att_weight
-                trained = _fine_tune(models[arch], data["sft"], targets, output / "train" / name, settings, weight, seed)
-                evaluations[name] = _evaluate(trained, data, stores, output / "eval" / name, settings)
+    with _Workers(jobs) as workers:
+        pending = {split: workers.submit(_teacher_targets, models["dm"], data[split], output / "targets" / split,
+                                         settings) for split in ("sft", *settings.eval_splits)}
+        stores = {split: future.result() for split, future in pending.items()}
+        targets = arm_stores(data["sft"], stores["sft"], output / "targets", settings)
+
+        runs: dict[str, Future] = {}
+        for arch in settings.archs:
+            runs[f"{arch}/pretrained"] = workers.submit(
+                _evaluate, models[arch], data, stores, output / "eval" / arch / "pretrained", settings)
+            for arm in settings.arms:
+                for seed in range(settings.seeds):
+                    name = f"{arch}/{arm}/seed{seed}"
+                    runs[name] = workers.submit(_train_and_evaluate, models[arch], data, stores, targets[arm],
+                                                output, name, settings, seed)
+        evaluations = {}
+        for index, (name, future) in enumerate(runs.items(), start=1):
+            evaluations[name] = future.result()
+            print(f"lavender demo: {name} done ({index}/{len(runs)}, {time.time() - start:.0f} s)", flush=True)
 
     results = {
         "settings": asdict(settings),
@@ -167,12 +212,83 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
         "teacher": {split: teacher_quality(stores[split], data[split]) for split in stores},
         "accuracy": accuracy_table(evaluations, settings),
         "attention": attention_table(evaluations, settings),
-        "wall_seconds": round(time.time() - start, 1),
     }
-    results["figures"] = _figures(models, data, stores, output, settings, results)
+    results["summary"] = summary(results["accuracy"], settings)
+    with _one_thread():
+        results["figures"] = _figures(models, data, stores, output, settings, results)
+    results["wall_seconds"] = round(time.time() - start, 1)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (output / "results.md").write_text(format_results(results) + "\n")
     return results
+
+
+def arm_stores(data: Path, teacher: Path, folder: Path, settings: DemoSettings) -> dict[str, Path]:
+    """The target store each arm aligns to (``sft``: the teacher's, unused at λ = 0)."""
+    writers = {
+        "sft": lambda: teacher,
+        "lavender": lambda: teacher,
+        "oracle": lambda: write_mask_store(data, folder / "oracle", settings.resolution, settings.text),
+        "inverted": lambda: write_mask_store(data, folder / "inverted", settings.resolution, settings.text,
+                                             invert=True),
+        "random": lambda: write_derangement_store(teacher, folder / "random", DERANGEMENT_SEED),
+    }
+    return {arm: writers[arm]() for arm in settings.arms}
+
+
+class _Workers:
+    """``submit`` runs a function in a worker process of one thread (``jobs`` > 1) or here."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Workers:
+        if self.jobs > 1:
+            import multiprocessing
+
+            # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks)
+            self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_set_threads)
+        return self
+
+    def submit(self, function, *args) -> Future:
+        if self._pool is not None:
+            return self._pool.submit(function, *args)
+        future: Future = Future()
+        with _one_thread():
+            future.set_result(function(*args))
+        return future
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=exc[0] is not None)
+
+
+def _set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """``THREADS`` intra-op threads inside the block, the caller's count restored after it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_and_evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], targets: Path, output: Path,
+                        name: str, settings: DemoSettings, seed: int) -> dict:
+    arm = name.split("/")[1]
+    weight = 0.0 if arm == "sft" else settings.att_weight
+    trained = _fine_tune(model, data["sft"], targets, output / "train" / name, settings, weight, seed)
+    return _evaluate(trained, data, stores, output / "eval" / name, settings)
 
 
 class OutputInUse(ValueError):
@@ -197,6 +313,18 @@ def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path])
     path.write_text(json.dumps(run, indent=2) + "\n")
 
 
+class WorldMismatch(ValueError):
+    """The world folder was written from another seed than the settings say."""
+
+
+def _check_world_seed(world: Path, seed: int) -> None:
+    manifest = world / "world.json"
+    written = json.loads(manifest.read_text()).get("seed") if manifest.is_file() else None
+    if written is not None and written != seed:
+        raise WorldMismatch(f"{world} holds the world of seed {written}, but --world-seed is {seed}; "
+                            f"pass --world-seed {written} (or another --world)")
+
+
 def _write_world(folder: Path, settings: DemoSettings) -> Path:
     from lavender.toy.splits import write_world
 
@@ -205,8 +333,8 @@ def _write_world(folder: Path, settings: DemoSettings) -> Path:
     return folder
 
 
-def _subset(world: Path, split: str, size: int, folder: Path) -> Path:
-    """The first ``size`` records of ``split``, with absolute image and mask paths."""
+def _subset(world: Path, split: str, size: int, folder: Path, name: str | None = None, masks: bool = True) -> Path:
+    """The first ``size`` records of ``split``, with absolute image and mask paths (or no masks)."""
     path = Path(world) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; write it with `lavender toy data --output {world}`")
@@ -217,9 +345,11 @@ def _subset(world: Path, split: str, size: int, folder: Path) -> Path:
         record = json.loads(line)
         record["image"] = str(root / record["image"])
         record["masks"] = {word: str(root / mask) for word, mask in record.get("masks", {}).items()}
+        if not masks:
+            del record["masks"]
         records.append(json.dumps(record))
     folder.mkdir(parents=True, exist_ok=True)
-    subset = folder / f"{split}.jsonl"
+    subset = folder / f"{name or split}.jsonl"
     subset.write_text("\n".join(records) + "\n")
     return subset
 
@@ -241,11 +371,13 @@ def _teacher_targets(dm: Path, data: Path, store: Path, settings: DemoSettings) 
     return store
 
 
-def write_mask_store(data: Path, store: Path, resolution: int, text: str) -> Path:
+def write_mask_store(data: Path, store: Path, resolution: int, text: str, invert: bool = False) -> Path:
     """A target store whose maps are the ground-truth masks of each record's words (the oracle).
 
     Maps are each cell's mask coverage, min–max normalised like the teacher's; only words that
-    have a mask are stored, the others are listed as missing.
+    have a mask are stored, the others are listed as missing. ``invert``: 1 − coverage,
+    renormalised (the ``inverted`` control: high everywhere but on the object), which equals
+    1 − the oracle's map.
     """
     import numpy as np
 
@@ -256,15 +388,16 @@ def write_mask_store(data: Path, store: Path, resolution: int, text: str) -> Pat
     from lavender.words import split_words
 
     records = read_records(data)
-    settings = {"text": text, "resolution": resolution, "normalize": "minmax", "source": "ground-truth masks"}
-    prepare_store(store, {"settings": settings, "model_fingerprint": "oracle", "layers": [],
+    source = "1 - ground-truth masks" if invert else "ground-truth masks"
+    settings = {"text": text, "resolution": resolution, "normalize": "minmax", "source": source}
+    prepare_store(store, {"settings": settings, "model_fingerprint": "inverted" if invert else "oracle", "layers": [],
                           "records": records_fingerprint(records), "shard_size": len(records), "map_dtype": "float16"})
     if finished_shards(store):
         return store
     stored = []
     sides = ("question", "answer") if text == "both" else (text,)
     for record in records:
-        masks = {key: _coverage(mask, resolution) for key, mask in load_masks(record, Path(data).parent).items()}
+        masks = {key: _coverage(mask, resolution, invert) for key, mask in load_masks(record, Path(data).parent).items()}
         words: dict[str, dict] = {}
         missing = []
         for side in sides:
@@ -280,14 +413,61 @@ def write_mask_store(data: Path, store: Path, resolution: int, text: str) -> Pat
     return store
 
 
-def _coverage(mask, resolution: int):
-    """The fraction of each of R×R cells the mask covers, min–max normalised."""
+def _coverage(mask, resolution: int, invert: bool = False):
+    """The fraction of each of R×R cells the mask covers (or does not, ``invert``), min–max normalised."""
     import numpy as np
     from PIL import Image
 
     cells = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((resolution, resolution), Image.Resampling.BOX))
+    if invert:
+        cells = 1.0 - cells
     span = cells.max() - cells.min()
     return ((cells - cells.min()) / span if span > 0 else cells).astype(np.float32)
+
+
+def derangement(count: int, seed: int) -> list[int]:
+    """A seeded permutation of ``range(count)`` without fixed points (Sattolo's cyclic shuffle)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    order = list(range(count))
+    for i in range(count - 1, 0, -1):
+        j = int(rng.integers(0, i))  # j < i, never i itself: one cycle through every index
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
+    """The ``random`` control: each record keeps its words but aligns them to another record's maps.
+
+    Record *i* borrows the teacher maps of record π(i), π a seeded derangement of the records that
+    have maps; a word takes the lender's map of the same word when it has one, else the lender's
+    maps in turn. The maps are the teacher's in kind, normalisation and sharpness; only which
+    image they belong to is wrong.
+    """
+    import numpy as np
+
+    from lavender.teacher.store import ShardRecord, finished_shards, open_store, prepare_store, write_shard
+
+    teacher = open_store(source)
+    ids = [record_id for record_id in teacher.ids() if teacher.words(record_id)]
+    if len(ids) < 2:
+        raise ValueError(f"{source}: the random control needs at least two records with maps, found {len(ids)}")
+    metadata = teacher.metadata
+    prepare_store(store, {"settings": {**metadata["settings"], "source": f"another record's maps (seed {seed})"},
+                          "model_fingerprint": f"derangement of {metadata.get('model_fingerprint')}",
+                          "layers": metadata.get("layers", []), "records": metadata["records"],
+                          "shard_size": len(ids), "map_dtype": "float16"})
+    if finished_shards(store):
+        return store
+    stored = []
+    for record_id, lender in zip(ids, (ids[j] for j in derangement(len(ids), seed))):
+        own, lent = teacher.record(record_id), teacher.get(lender)
+        lent_in_order = list(lent.values())
+        maps = [lent.get(word["key"], lent_in_order[i % len(lent_in_order)]) for i, word in enumerate(own.words)]
+        stored.append((ShardRecord(record_id, own.image, own.words, own.missing), np.stack(maps)))
+    write_shard(store, 0, stored, [])
+    return store
 
 
 def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
@@ -312,14 +492,14 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
 
 def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], output: Path,
               settings: DemoSettings) -> dict:
-    """``{split: metrics.json}`` for the evaluated splits."""
+    """``{split: metrics.json}`` for the training records (accuracy only) and the evaluated splits."""
     metrics = {}
-    for split in settings.eval_splits:
+    for split in (TRAIN_SPLIT, *settings.eval_splits):
         folder = output / split
         if not (folder / "metrics.json").is_file():
+            attention = ["--targets", str(stores[split]), "--att-rows", settings.rows] if split in stores else []
             _cli(["eval", "--model", str(model), "--data", str(data[split]), "--output", str(folder),
-                  "--targets", str(stores[split]), "--max-new-tokens", "6", "--batch-size", "16",
-                  "--att-rows", settings.rows, "--device", "cpu", "--dtype", "float32"])
+                  *attention, "--max-new-tokens", "6", "--batch-size", "16", "--device", "cpu", "--dtype", "float32"])
         metrics[split] = json.loads((folder / "metrics.json").read_text())
     return metrics
 
@@ -336,16 +516,28 @@ def mean_interval(values: list[float]) -> dict:
     return {"mean": mean, "ci95": _T95.get(n - 1, 1.96) * sd / math.sqrt(n), "n": n, "values": values}
 
 
+def _splits(settings: DemoSettings) -> tuple[str, ...]:
+    return (TRAIN_SPLIT, *settings.eval_splits)
+
+
+def _runs(evaluations: dict[str, dict], settings: DemoSettings, arch: str) -> dict[str, list[dict]]:
+    return {"pretrained": [evaluations[f"{arch}/pretrained"]],
+            **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in settings.arms}}
+
+
 def accuracy_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict:
-    """Per arch, arm and split: overall and per-question-type accuracy over seeds; Lavender − SFT."""
+    """Per arch, arm and split: overall and per-question-type accuracy over seeds; each arm − SFT.
+
+    Differences are paired by seed (arm and SFT of one seed share the data order and the
+    aligner's initial weights); ``share_of_oracle``: Lavender's mean gain over the oracle's, per split.
+    """
     table: dict = {}
     for arch in settings.archs:
         table[arch] = {}
-        runs = {"pretrained": [evaluations[f"{arch}/pretrained"]],
-                **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in ARMS}}
+        runs = _runs(evaluations, settings, arch)
         for arm, metrics in runs.items():
             table[arch][arm] = {}
-            for split in settings.eval_splits:
+            for split in _splits(settings):
                 types = sorted(metrics[0][split].get("by_question_type", {}))
                 table[arch][arm][split] = {
                     "overall": mean_interval([m[split]["overall"]["score"] for m in metrics]),
@@ -353,17 +545,42 @@ def accuracy_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict
                         t: mean_interval([m[split]["by_question_type"][t]["score"] for m in metrics]) for t in types
                     },
                 }
-        for split in settings.eval_splits:
-            score = {arm: [m[split]["overall"]["score"] for m in runs[arm]] for arm in ARMS}
-            gain = [lav - sft for lav, sft in zip(score["lavender"], score["sft"])]
-            oracle_gain = [o - sft for o, sft in zip(score["oracle"], score["sft"])]
-            mean_oracle = sum(oracle_gain) / len(oracle_gain)
-            table[arch].setdefault("lavender_minus_sft", {})[split] = mean_interval(gain)
-            table[arch].setdefault("oracle_minus_sft", {})[split] = mean_interval(oracle_gain)
-            table[arch].setdefault("recovered_of_oracle_gain", {})[split] = (
-                sum(gain) / len(gain) / mean_oracle if mean_oracle > 0 else None
-            )
+        for split in _splits(settings):
+            score = {arm: [m[split]["overall"]["score"] for m in runs[arm]] for arm in settings.arms}
+            pairs = [(arm, "sft") for arm in settings.arms if arm != "sft"]
+            if {"lavender", "random"} <= set(settings.arms):
+                pairs.append(("lavender", "random"))
+            for arm, base in pairs:
+                table[arch].setdefault(f"{arm}_minus_{base}", {})[split] = mean_interval(
+                    [a - b for a, b in zip(score[arm], score[base])])
+            share = None
+            if {"lavender", "oracle"} <= set(settings.arms):
+                oracle_gain = table[arch]["oracle_minus_sft"][split]["mean"]
+                share = table[arch]["lavender_minus_sft"][split]["mean"] / oracle_gain if oracle_gain > 0 else None
+            table[arch].setdefault("share_of_oracle", {})[split] = share
     return table
+
+
+def summary(accuracy: dict, settings: DemoSettings) -> dict:
+    """The verdict, machine-readable: per VLM, each arm − SFT on each evaluated split, in accuracy
+    points with the 95 % interval as ``[low, high]`` (None with one seed), and the share of the
+    oracle's gain Lavender recovers on the shown split (``test_ood``; None unless the oracle gains)."""
+    verdict: dict = {}
+    for arch in settings.archs:
+        entry = {}
+        for key, by_split in accuracy[arch].items():
+            if "_minus_" in key:
+                entry[key] = {split: _points(by_split[split]) for split in settings.eval_splits}
+        share = accuracy[arch].get("share_of_oracle", {}).get(settings.shown_split)
+        entry["share_of_oracle"] = None if share is None else round(share, 4)
+        verdict[arch] = entry
+    return verdict
+
+
+def _points(entry: dict) -> dict:
+    mean, half = 100 * entry["mean"], entry["ci95"]
+    interval = None if half is None else [round(mean - 100 * half, 2), round(mean + 100 * half, 2)]
+    return {"mean": round(mean, 2), "ci95": interval, "n": entry["n"]}
 
 
 def attention_table(evaluations: dict[str, dict], settings: DemoSettings) -> dict:
@@ -371,13 +588,11 @@ def attention_table(evaluations: dict[str, dict], settings: DemoSettings) -> dic
     names = ("entropy", "pearson", "mse", "pointing", "iou")
     table: dict = {}
     for arch in settings.archs:
-        runs = {"pretrained": [evaluations[f"{arch}/pretrained"]],
-                **{arm: [evaluations[f"{arch}/{arm}/seed{s}"] for s in range(settings.seeds)] for arm in ARMS}}
         table[arch] = {
             arm: {split: {name: _mean_of(m[split].get("attention", {}).get("raw", {}).get(name) for m in metrics)
                           for name in names}
                   for split in settings.eval_splits}
-            for arm, metrics in runs.items()
+            for arm, metrics in _runs(evaluations, settings, arch).items()
         }
     return table
 
@@ -411,7 +626,7 @@ def teacher_quality(store_path: Path, data: Path) -> dict:
 
 def _figures(models, data, stores, output: Path, settings: DemoSettings, results: dict) -> list[str]:
     paths = [str(accuracy_chart(results["accuracy"], settings, output / "figures" / "accuracy.png"))]
-    for arch in settings.archs:
+    for arch in settings.archs if "lavender" in settings.arms else ():
         paths += [str(p) for p in word_map_figures(
             models[arch], output / "train" / arch / "lavender" / "seed0", data[settings.shown_split], stores[settings.shown_split],
             output / "figures", arch, query_rows=settings.rows)]
@@ -451,14 +666,16 @@ def accuracy_chart(accuracy: dict, settings: DemoSettings, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = ("pretrained", *ARMS)
+    arms = ("pretrained", *settings.arms)
+    colours = {"pretrained": "#999999", "sft": "#4c72b0", "lavender": "#c44e52", "oracle": "#55a868",
+               "random": "#8172b3", "inverted": "#ccb974"}
     panels = [(arch, split) for arch in settings.archs for split in settings.eval_splits]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for axis, (arch, split) in zip(axes[0], panels):
         entries = [accuracy[arch][arm][split]["overall"] for arm in arms]
         axis.bar(arms, [100 * e["mean"] for e in entries],
                  yerr=[100 * (e["ci95"] or 0) for e in entries], capsize=3,
-                 color=["#999999", "#4c72b0", "#c44e52", "#55a868"])
+                 color=[colours[arm] for arm in arms])
         axis.set_title(f"{arch} · {split}", fontsize=10)
         axis.set_ylim(0, 100)
         axis.tick_params(axis="x", labelrotation=30, labelsize=8)
@@ -481,33 +698,47 @@ def _number(value: float | None, percent: bool = False) -> str:
     return "–" if value is None else (f"{100 * value:.1f}" if percent else f"{value:.3f}")
 
 
+def _points_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "–"
+    interval = entry["ci95"]
+    return f"{entry['mean']:+.1f}" + (f" [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else "")
+
+
 def format_results(results: dict) -> str:
-    """Markdown: accuracy, Lavender − SFT, teacher quality, attention before/after."""
+    """Markdown: the verdict, accuracy per arm, teacher quality, attention before/after."""
     settings = results["settings"]
-    splits = tuple(settings["eval_splits"])
+    arms = tuple(settings["arms"])
+    splits = (TRAIN_SPLIT, *settings["eval_splits"])
     shown = splits[-1]
     lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
              f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
              f"aligner {settings['aligner']}, rows {settings['rows']}, "
-             f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split)",
-             "", "Accuracy % (mean ± 95 % interval over seeds):", "",
-             "| VLM | arm | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
+             f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split, "
+             f"world seed {settings['world_seed']})", ""]
+    differences = [key for key in next(iter(results["summary"].values()), {}) if "_minus_" in key]
+    lines += ["Verdict (`summary` in results.json): accuracy points, mean [95 % interval] over seeds, "
+              f"paired by seed; share of the oracle's gain that Lavender recovers on {shown}:", "",
+              "| VLM | split | " + " | ".join(key.replace("_minus_", " − ") for key in differences)
+              + " | share of oracle |", "|---|---|" + "---|" * (len(differences) + 1)]
+    for arch, verdict in results["summary"].items():
+        for split in settings["eval_splits"]:
+            share = verdict["share_of_oracle"] if split == shown else None
+            lines.append(f"| {arch} | {split} | " + " | ".join(_points_cell(verdict[k][split]) for k in differences)
+                         + f" | {_number(share)} |")
+    lines += ["", f"Accuracy % (mean ± 95 % interval over seeds; {TRAIN_SPLIT}: the first "
+              f"{settings['eval_size']} SFT records, which every arm trained on):", "",
+              "| VLM | arm | " + " | ".join(splits) + " |", "|---|---|" + "---|" * len(splits)]
     accuracy = results["accuracy"]
-    for arch, arms in accuracy.items():
-        for arm in ("pretrained", *ARMS):
-            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(arms[arm][s]["overall"]) for s in splits) + " |")
-        lines.append(f"| {arch} | lavender − sft | "
-                     + " | ".join(_cell(arms["lavender_minus_sft"][s]) for s in splits) + " |")
-        lines.append(f"| {arch} | oracle − sft | "
-                     + " | ".join(_cell(arms["oracle_minus_sft"][s]) for s in splits) + " |")
-        lines.append(f"| {arch} | share of oracle gain | "
-                     + " | ".join(_number(arms["recovered_of_oracle_gain"][s]) for s in splits) + " |")
+    for arch, table in accuracy.items():
+        for arm in ("pretrained", *arms):
+            lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(table[arm][s]["overall"]) for s in splits) + " |")
     lines += ["", f"Accuracy % by question type ({shown}):", ""]
-    types = sorted({t for arms in accuracy.values() for t in arms["sft"][shown]["by_question_type"]})
+    types = sorted({t for table in accuracy.values() for t in table["sft"][shown]["by_question_type"]})
     lines += ["| VLM | arm | " + " | ".join(types) + " |", "|---|---|" + "---|" * len(types)]
-    for arch, arms in accuracy.items():
-        for arm in ("pretrained", *ARMS):
-            by_type = arms[arm][shown]["by_question_type"]
+    for arch, table in accuracy.items():
+        for arm in ("pretrained", *arms):
+            by_type = table[arm][shown]["by_question_type"]
             lines.append(f"| {arch} | {arm} | " + " | ".join(_cell(by_type.get(t)) for t in types) + " |")
     lines += ["", "Teacher maps vs ground-truth masks (per word):", "",
               "| split | words | pointing % | IoU | entropy |", "|---|---|---|---|---|"]
@@ -516,8 +747,8 @@ def format_results(results: dict) -> str:
                      f"{_number(quality['iou'])} | {_number(quality['entropy'])} |")
     lines += ["", f"VLM attention (raw: mean over captured layers and heads) on {shown}:", "",
               "| VLM | model | entropy | pearson vs teacher | pointing % | IoU |", "|---|---|---|---|---|---|"]
-    for arch, arms in results["attention"].items():
-        for arm, by_split in arms.items():
+    for arch, table in results["attention"].items():
+        for arm, by_split in table.items():
             a = by_split[shown]
             lines.append(f"| {arch} | {arm} | {_number(a['entropy'])} | {_number(a['pearson'])} | "
                          f"{_number(a['pointing'], True)} | {_number(a['iou'])} |")

@@ -38,7 +38,9 @@ _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-4,
     "weight_decay": 0.0,
-    "optim": "adamw_torch",
+    # AdamW as one fused kernel per step (CPU and GPU, torch ≥ 2.4): the same update, and on a small
+    # model the per-parameter loop of the plain one costs a fifth of a step's compute (BENCHMARKS.md)
+    "optim": "adamw_torch_fused",
     "logging_steps": 10,
     "save_steps": 500,
     "report_to": "none",

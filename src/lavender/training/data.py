@@ -108,7 +108,8 @@ def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], list[
         end = position + len(turn.text)
         if turn.role == "assistant":
             before = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
-            through = processor.apply_chat_template(messages[: index + 1], tokenize=False)
+            last = index + 1 == len(messages)  # then the prefix is the whole prompt, already rendered
+            through = prompt if last else processor.apply_chat_template(messages[: index + 1], tokenize=False)
             if prompt.startswith(through) and before == prompt[: len(before)] and len(before) <= position:
                 supervised.append((len(before), len(through)))
             else:  # a template whose prefixes are not prefixes: supervise the content alone

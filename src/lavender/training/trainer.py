@@ -125,6 +125,7 @@ class LavenderTrainer(Trainer):
         self._att_weight_now = att_weight.initial
         self._lm_weight_now = 1.0
         self._last_figure_step = -1
+        self._parameters_for_flos: int | None = None
 
     # ---- loss ---------------------------------------------------------------------------------
 
@@ -260,6 +261,19 @@ class LavenderTrainer(Trainer):
         if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's estimate (6 × tokens × parameters), with the parameters counted once.
+
+        The Trainer counts them on every step, a walk over every module that costs a small model
+        several percent of its step; the count does not change while training.
+        """
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._parameters_for_flos is None:
+            self._parameters_for_flos = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._parameters_for_flos
 
     # ---- logging --------------------------------------------------------------------------------
 
