@@ -32,7 +32,7 @@ def test_paper_defaults(paths):
     assert lavender.lora_target_modules == ["q_proj", "v_proj"] and lavender.use_peft
     assert (lavender.aggregation, lavender.aligner) == ("mean", "sim")
     assert lavender.att_normalization is None  # the targets' own normalisation
-    assert training.learning_rate == 1e-4 and training.weight_decay == 0.0 and training.optim == "adamw_torch"
+    assert training.learning_rate == 1e-4 and training.weight_decay == 0.0 and training.optim == "adamw_torch_fused"
     assert training.remove_unused_columns is False
 
 
