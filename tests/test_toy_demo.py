@@ -50,7 +50,7 @@ def weights(world, tmp_path_factory):
 def test_quick_demo_writes_every_result(world, weights, tmp_path):
     output = tmp_path / "demo"
     code = _lavender("demo", "--quick", "--weights", str(weights), "--world", str(world), "--output", str(output),
-                     "--sft-size", "8", "--eval-size", "6", "--steps", "2")
+                     "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "2")  # worker processes
     assert code == 0
     results = json.loads((output / "results.json").read_text())
     for arch in ("llava", "mllama"):
@@ -91,8 +91,12 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
 def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world, weights, tmp_path, capsys):
     output = tmp_path / "val"
     common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
-              "--output", str(output), "--sft-size", "8", "--eval-size", "6")
+              "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1")  # in this process
+    import torch
+
+    threads = torch.get_num_threads()
     assert _lavender(*common, "--steps", "1", "--arms", "lavender") == 0
+    assert torch.get_num_threads() == threads  # runs use one thread; the caller's count comes back
     results = json.loads((output / "results.json").read_text())
     assert set(results["accuracy"]["llava"]) >= {"sft", "lavender"} and "oracle" not in results["accuracy"]["llava"]
     assert set(results["accuracy"]["llava"]["sft"]) == {"train", "val"} and set(results["teacher"]) == {"sft", "val"}
