@@ -63,8 +63,9 @@ class DemoSettings:
     seeds: int = 3
     sft_size: int = 1000
     eval_size: int = 300
-    # chosen on val (docs/toy.md, "Choosing the settings"); steps: the most that fit 15 minutes
-    steps: int = 150
+    # chosen on val (docs/toy.md, "Choosing the settings"); steps: more gave the oracle more on val,
+    # and 300 is the most that fit 15 minutes with 5 arms (docs/toy.md, "Speed")
+    steps: int = 300
     batch_size: int = 8
     learning_rate: float = 1e-3
     att_weight: float = 10.0  # the paper's λ and `lavender train`'s default
