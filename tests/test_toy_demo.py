@@ -174,7 +174,7 @@ def test_random_store_gives_each_record_another_records_maps(tmp_path):
     write_shard(source, 0, entries, [])
     teacher = open_store(source)
     store = open_store(write_derangement_store(source, tmp_path / "random", seed=0))
-    assert store.resolution == 4 and store.metadata["settings"]["text"] == "both"
+    assert store.resolution == 4 and store.metadata["settings"]["text"] == "both" and store.complete
     lenders = set()
     for i, keys in words.items():
         maps = store.get(f"r{i}")

@@ -458,7 +458,7 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
     prepare_store(store, {"settings": {**metadata["settings"], "source": f"another record's maps (seed {seed})"},
                           "model_fingerprint": f"derangement of {metadata.get('model_fingerprint')}",
                           "layers": metadata.get("layers", []), "records": metadata["records"],
-                          "shard_size": len(ids), "map_dtype": "float16"})
+                          "shard_size": metadata["records"]["count"], "map_dtype": "float16"})
     if finished_shards(store):
         return store
     stored = []
