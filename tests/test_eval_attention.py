@@ -28,7 +28,7 @@ from lavender.evaluation.generation import load_model
 from lavender.records import Record, Turn, read_records
 from lavender.teacher.store import ShardRecord, prepare_store, write_shard
 from lavender.tiny.vlm import save_tiny_vlm
-from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
+from lavender.training.data import LavenderCollator, LavenderDataset
 
 
 def test_entropy_hand_cases():
@@ -96,7 +96,7 @@ def test_raw_maps_equal_eager_attention(llava):
     assert set(maps) == {"square", "red"}
 
     sample = LavenderDataset([record], _Words(["square", "red"]), processor, att_text="both").prepare(record)
-    collator = LavenderCollator(processor, image_token_id(model.config))
+    collator = LavenderCollator(processor)
     batch = collator([sample])
     eager = AutoModelForImageTextToText.from_pretrained(llava, attn_implementation="eager").eval()
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
@@ -129,7 +129,7 @@ def test_raw_maps_on_a_wide_image_cover_the_crop_and_leave_the_margins_out(llava
     assert np.isnan(maps[:, :3]).all() and np.isnan(maps[:, 9:]).all() and np.isfinite(maps[:, 3:9]).all()
 
     sample = LavenderDataset([record], _Words(["red"]), processor, att_text="both").prepare(record)
-    batch = LavenderCollator(processor, image_token_id(model.config))([sample])
+    batch = LavenderCollator(processor)([sample])
     eager = AutoModelForImageTextToText.from_pretrained(llava, attn_implementation="eager").eval()
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values")}
     with torch.no_grad():

@@ -22,8 +22,7 @@ from lavender.training.data import (
     LavenderCollator,
     LavenderDataset,
     SampleError,
-    expand_positions,
-    image_token_id,
+    expand_text,
 )
 from training_fixtures import write_records, write_targets
 
@@ -44,32 +43,40 @@ def data(tmp_path_factory):
     return read_records(manifest), open_store(root / "targets")
 
 
-def test_expand_positions_steps_over_image_runs():
-    image = 9
-    assert expand_positions([1, 9, 5, 6], [1, 9, 9, 9, 5, 6], image) == [0, 1, 4, 5]
-    assert expand_positions([9, 5], [9, 5], image) == [0, 1]  # a placeholder that stays one token
-    with pytest.raises(SampleError, match="changed the text"):
-        expand_positions([1, 5], [1, 6], image)
+def test_expand_text_replaces_placeholders_and_moves_positions_past_them():
+    prompt = "a<image>bc<image>d"
+    replacements = [
+        {"span": (1, 8), "replacement": "\n<s>XXXX</s>\n"},
+        {"span": (10, 17), "replacement": "Y"},
+    ]
+    expanded, move = expand_text(prompt, replacements)
+    assert expanded == "a\n<s>XXXX</s>\nbcYd"
+    assert [expanded[move(position)] for position in (0, 8, 9, 17)] == list("abcd")  # all outside the placeholders
+    assert move(len(prompt)) == len(expanded)  # span ends too
+    unchanged, identity = expand_text(prompt, [])
+    assert unchanged == prompt and identity(5) == 5
 
 
-@given(st.lists(st.tuples(st.integers(0, 8), st.integers(1, 5)), min_size=1, max_size=12))
-def test_expand_positions_property(tokens):
-    """Every non-image token lands on itself; image placeholders on the first of their run."""
-    image = 9
-    unexpanded = [9 if token == 0 else token for token, _ in tokens]
-    expanded = [t for t, (_, run) in zip(unexpanded, tokens) for t in ([t] * run if t == image else [t])]
-    # adjacent placeholders merge into one run in the expanded sequence; keep the property simple
-    if any(a == b == image for a, b in zip(unexpanded, unexpanded[1:])):
-        return
-    where = expand_positions(unexpanded, expanded, image)
-    assert [expanded[p] for p in where] == unexpanded
-    assert where == sorted(set(where))
+@given(st.lists(st.tuples(st.text("ab", max_size=3), st.text("XY", max_size=5)), min_size=1, max_size=5),
+       st.text("ab", max_size=3))
+def test_expand_text_property(parts, tail):
+    """Any text between placeholders keeps its characters, in order, after any replacements."""
+    prompt, replacements = "", []
+    for text, replacement in parts:
+        prompt += text
+        replacements.append({"span": (len(prompt), len(prompt) + 3), "replacement": replacement})
+        prompt += "<i>"
+    prompt += tail
+    expanded, move = expand_text(prompt, replacements)
+    outside = [i for i in range(len(prompt)) if not any(a <= i < b for a, b in (r["span"] for r in replacements))]
+    assert [expanded[move(i)] for i in outside] == [prompt[i] for i in outside]
+    assert [move(i) for i in outside] == sorted({move(i) for i in outside})
 
 
 def _batch(vlm, records, store, att_text="answer", strict=False, query_rows="word"):
     model, processor = vlm
     dataset = LavenderDataset(records, store, processor, att_text=att_text, strict=strict)
-    collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
+    collator = LavenderCollator(processor, query_rows)
     samples = [dataset[i] for i in range(len(dataset))]
     return samples, collator(samples)
 
@@ -122,7 +129,7 @@ def test_predicting_rows_sit_one_left_of_the_words_tokens(vlm, data):
     assert _word_positions(predicting) == [[[p - 1 for p in word] for word in sample] for sample in _word_positions(own)]
     torch.testing.assert_close(predicting["lavender_targets"], own["lavender_targets"])
     with pytest.raises(ValueError, match="query_rows"):
-        LavenderCollator(vlm[1], image_token_id(vlm[0].config), "previous")
+        LavenderCollator(vlm[1], "previous")
 
 
 def test_missing_words_are_counted_not_matched(vlm, data):

@@ -56,7 +56,6 @@ from lavender.training.data import (
     LavenderCollator,
     LavenderDataset,
     SampleError,
-    image_token_id,
 )
 from lavender.teacher.store import split_turn_key, turn_key
 from lavender.words import normalize_word
@@ -218,7 +217,7 @@ def record_word_maps(
     sample = LavenderDataset([record], targets, processor, att_text=side).prepare(record)
     capture = AttentionCapture(model, layers=layers, processor=processor)
     try:
-        collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
+        collator = LavenderCollator(processor, query_rows)
         return vlm_word_maps(model, capture, collator, [sample], size)[0]["raw"]
     finally:
         capture.close()
@@ -271,7 +270,7 @@ def evaluate_attention(
 
     head = _load_head(model_dir)
     dataset = LavenderDataset(measured, words, processor, att_text=side)
-    collator = LavenderCollator(processor, image_token_id(model.config), query_rows)
+    collator = LavenderCollator(processor, query_rows)
     capture = AttentionCapture(model, layers=layers, processor=processor)
     rows: list[dict[str, Any]] = []
     try:

@@ -207,13 +207,13 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
     """
     from tqdm.auto import tqdm
 
-    from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
+    from lavender.training.data import LavenderCollator, LavenderDataset
 
     records = pretraining_records(Path(world), config.caption_fraction, config.seed)
     model, processor = build_vlm(config)
     model.to(device).train()
     dataset = LavenderDataset(records, _NoTargets(), processor)
-    collator = LavenderCollator(processor, image_token_id(model.config))
+    collator = LavenderCollator(processor)
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collator, generator=generator)

@@ -13,16 +13,20 @@ character spans:
   ``query_rows="predicting"``, the positions one to the left: the rows whose outputs predict the
   word's tokens (what the authors' argmax keying amounts to, without depending on the model's mistakes).
 
-Offsets come from tokenising the rendered string as is (one image placeholder token). Processors
-then expand that placeholder into N image tokens (LLaVA, Qwen2-VL), so positions are carried over
-to the model's ``input_ids`` by walking both sequences and stepping over each image-token run.
+Processors replace each image placeholder of the rendered string by the image's text (N image
+tokens for LLaVA and Qwen2-VL; begin/end markers, newlines and soft tokens for Gemma 3), and the
+tokens at the seams may differ from those of the unexpanded string. So offsets come from tokenising
+the text the processor tokenised: the rendered string with the replacements the processor reports
+(``return_text_replacement_offsets``), checked token for token against the processor's
+``input_ids``; character spans of the rendered string are shifted past the replacements before them.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -201,26 +205,29 @@ class LavenderDataset(torch.utils.data.Dataset):
         )
 
 
-def expand_positions(unexpanded: Sequence[int], expanded: Sequence[int], image_token_id: int) -> list[int]:
-    """For each token of the unexpanded tokenisation, its position in the processor's ``input_ids``.
+def expand_text(prompt: str, replacements: Sequence[dict]) -> tuple[str, Callable[[int], int]]:
+    """The text a processor tokenised: ``prompt`` with its image placeholders replaced as the
+    processor reports them (``text_replacement_offsets``: each placeholder's ``span`` in ``prompt``
+    and its ``replacement``), and the map from a character position of ``prompt`` outside the
+    placeholders to the same character's position in that text."""
+    pieces: list[str] = []
+    ends: list[int] = []  # placeholder ends in ``prompt``, ascending
+    shifts: list[int] = []  # how far characters after each of them moved
+    last = shift = 0
+    for replacement in sorted(replacements, key=lambda r: r["span"][0]):
+        start, end = replacement["span"]
+        pieces += [prompt[last:start], replacement["replacement"]]
+        shift += len(replacement["replacement"]) - (end - start)
+        ends.append(end)
+        shifts.append(shift)
+        last = end
+    pieces.append(prompt[last:])
 
-    The processor replaces each image placeholder by a run of image tokens (possibly of length
-    one); every other token must be identical in both, in order.
-    """
-    positions: list[int] = []
-    j = 0
-    for i, token in enumerate(unexpanded):
-        if j >= len(expanded) or expanded[j] != token:
-            raise SampleError(
-                f"token {i} ({token}) of the prompt is not at position {j} of the processor's input_ids; "
-                "the processor changed the text beyond expanding image tokens"
-            )
-        positions.append(j)
-        j += 1
-        if token == image_token_id:
-            while j < len(expanded) and expanded[j] == image_token_id:
-                j += 1
-    return positions
+    def move(position: int) -> int:
+        before = bisect.bisect_right(ends, position)
+        return position + (shifts[before - 1] if before else 0)
+
+    return "".join(pieces), move
 
 
 def image_token_id(model_config) -> int:
@@ -238,12 +245,11 @@ class LavenderCollator:
     unpadded sequence) and lays out each architecture's image inputs.
     """
 
-    def __init__(self, processor, image_token: int, query_rows: str = "word"):
+    def __init__(self, processor, query_rows: str = "word"):
         if query_rows not in QUERY_ROWS:
             raise ValueError(f"query_rows must be one of {', '.join(QUERY_ROWS)}, got {query_rows!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.image_token = image_token
         self.shift = 1 if query_rows == "predicting" else 0
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
@@ -255,22 +261,32 @@ class LavenderCollator:
             padding_side="right",
             add_special_tokens=False,  # the chat template wrote the special tokens
             return_tensors="pt",
+            return_text_replacement_offsets=True,
         )
-        plain = self.tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+        # processors that keep the placeholder as one token (Mllama) report no replacements
+        replacements = batch.pop("text_replacement_offsets", None) or [[] for _ in samples]
+        expanded = [expand_text(s.prompt, r) for s, r in zip(samples, replacements)]
+        plain = self.tokenizer([text for text, _ in expanded], add_special_tokens=False, return_offsets_mapping=True)
         input_ids = batch["input_ids"]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         rows_per_sample: list[list[list[int]]] = []
-        for b, sample in enumerate(samples):
+        for b, (sample, (_, move)) in enumerate(zip(samples, expanded)):
             length = int(batch["attention_mask"][b].sum())
-            where = expand_positions(plain["input_ids"][b], input_ids[b, :length].tolist(), self.image_token)
+            if plain["input_ids"][b] != input_ids[b, :length].tolist():
+                raise SampleError(
+                    f"record {sample.record_id!r}: the processor's input_ids are not the tokens of the prompt with "
+                    "its image placeholders replaced; the processor changed the text beyond the replacements it reports"
+                )
             offsets = plain["offset_mapping"][b]
+            supervised = [(move(low), move(high)) for low, high in sample.supervised]
             for token, (start, end) in enumerate(offsets):
-                if end > start and any(start < high and end > low for low, high in sample.supervised):
-                    labels[b, where[token]] = input_ids[b, where[token]]
+                if end > start and any(start < high and end > low for low, high in supervised):
+                    labels[b, token] = input_ids[b, token]
             per_word = []
             for occurrences in sample.words:
-                tokens = sorted({t for group in tokens_of_words(offsets, occurrences) for t in group})
-                per_word.append([where[t] - self.shift for t in tokens if where[t] >= self.shift])
+                moved = [Word(word.text, move(word.start), move(word.end)) for word in occurrences]
+                tokens = sorted({t for group in tokens_of_words(offsets, moved) for t in group})
+                per_word.append([t - self.shift for t in tokens if t >= self.shift])
             rows_per_sample.append(per_word)
         batch["labels"] = labels
         batch.update(_word_tensors(samples, rows_per_sample))

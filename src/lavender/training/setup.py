@@ -144,7 +144,7 @@ def build_trainer(config: TrainConfig):
 
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
     image_token = image_token_id(model.config)
-    collator = LavenderCollator(processor, image_token, query_rows=args.att_rows)
+    collator = LavenderCollator(processor, query_rows=args.att_rows)
     check_words_match(dataset, collator, config)
 
     return LavenderTrainer(
