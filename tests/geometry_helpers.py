@@ -6,8 +6,8 @@ The model is made to look at bright pixels, using its own modules wherever the g
 * the real patch embedding, its weights set to average each patch's pixels into channel 0, gives
   each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
 * no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
-  the vision tower lays its patches out (Qwen2-VL: the mean of each 2×2 merge block), and nothing
-  else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
+  the processor lays its patches out (Qwen2-VL: the mean of each 2×2 merge block; Qwen2.5-VL: the
+  same, on the tower's output after it undoes its window permutation), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
   cross-attention layers (Mllama);
 * queries are all ones and each key is ``SHARPNESS`` × its token's brightness (RoPE off), so every
   text row attends to the brightest patch.
@@ -75,6 +75,15 @@ def look_at_bright_patches(model, kind: str) -> list:
             return brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output)
 
         hooks.append(inner.visual.merger.register_forward_hook(merger))
+    elif kind == "qwen2_5_vl":
+        _average_patches(inner.visual.patch_embed.proj)
+        hooks.append(inner.visual.patch_embed.register_forward_hook(remember("patches")))
+
+        def tower(module, args, output):  # the tower's output, after it undid its window permutation
+            output.pooler_output = brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output.pooler_output)
+            return output
+
+        hooks.append(inner.visual.register_forward_hook(tower))
     elif kind == "mllama":
         _average_patches(inner.vision_model.patch_embedding)
         hooks.append(inner.vision_model.patch_embedding.register_forward_hook(remember("patches")))

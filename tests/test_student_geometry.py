@@ -31,6 +31,8 @@ CASES = {
         ("wide_padded", 150, 56, 28, 126, 14),  # a 1×3 canvas with 18 px of padding on the right
     ],
     "qwen2_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
+    # the same grids; 8×8 merged tokens here span 4×4 of the tower's 2×2-token attention windows
+    "qwen2_5_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
 }
 
 

@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -169,12 +169,35 @@ def build_tiny_mllama(seed: int = 0) -> tuple[PreTrainedModel, object]:
 
 def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """Qwen2-VL layout: patch 14, 2×2 merge (one token per 28×28 px), M-RoPE."""
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-        Qwen2VLProcessor,
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    processor, ids = _qwen_vl_processor(Qwen2VLProcessor)
+    config = Qwen2VLConfig(
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        **_qwen_vl_text(processor.tokenizer, ids),
     )
+    return _seeded(seed, Qwen2VLForConditionalGeneration, config), processor
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Qwen2.5-VL layout: Qwen2-VL's tokens and processor; the vision tower attends within
+    windows of 2×2 merged tokens (56 px) except in its last block, and un-permutes its output."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    processor, ids = _qwen_vl_processor(Qwen2_5_VLProcessor)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=56, fullatt_block_indexes=[1]),
+        **_qwen_vl_text(processor.tokenizer, ids),
+    )
+    return _seeded(seed, Qwen2_5_VLForConditionalGeneration, config), processor
+
+
+def _qwen_vl_processor(processor_class):
+    """A Qwen-VL processor (``processor_class``) and its tokenizer's ``convert_tokens_to_ids``."""
+    from transformers import Qwen2VLImageProcessorPil
     from transformers.utils import is_torchvision_available
 
     from lavender.processors import image_only
@@ -189,13 +212,15 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     if is_torchvision_available():
         from transformers import Qwen2VLVideoProcessor
 
-        processor = Qwen2VLProcessor(image_processor, tokenizer, Qwen2VLVideoProcessor(), chat_template=template)
+        processor = processor_class(image_processor, tokenizer, Qwen2VLVideoProcessor(), chat_template=template)
     else:
-        processor = image_only(Qwen2VLProcessor)(image_processor, tokenizer, chat_template=template)
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        processor = image_only(processor_class)(image_processor, tokenizer, chat_template=template)
+    return processor, tokenizer.convert_tokens_to_ids
+
+
+def _qwen_vl_text(tokenizer, ids) -> dict:
+    """The text config and special token ids shared by the tiny Qwen-VL models."""
+    return dict(
         text_config=dict(
             vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=512,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
@@ -207,13 +232,13 @@ def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
     )
-    return _seeded(seed, Qwen2VLForConditionalGeneration, config), processor
 
 
 BUILDERS: dict[str, Callable] = {
     "llava": build_tiny_llava,
     "mllama": build_tiny_mllama,
     "qwen2_vl": build_tiny_qwen2_vl,
+    "qwen2_5_vl": build_tiny_qwen2_5_vl,
 }
 
 

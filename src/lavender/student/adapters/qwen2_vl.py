@@ -1,4 +1,5 @@
-"""Qwen2-VL (``Qwen2VLForConditionalGeneration``): ``<|image_pad|>`` tokens, one per 2×2 patch block.
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``):
+``<|image_pad|>`` tokens, one per 2×2 patch block.
 
 An image of ``image_grid_thw`` (t, h, w) patches becomes t·(h/m)·(w/m) tokens with the spatial
 merge m (2), row-major over the merged (h/m, w/m) grid, between ``<|vision_start|>`` and
@@ -8,6 +9,10 @@ images in text order.
 Geometry: the processor resizes the whole image to multiples of 28 px (``smart_resize``),
 stretching it slightly and cutting nothing, so the grid's view is the whole image whatever the
 processor's pixel limits (``image_sizes`` are not needed).
+
+Qwen2.5-VL keeps this layout: its vision tower attends within windows of merged tokens (a
+permutation of the patches inside the tower) and undoes the permutation after its merger, so the
+tokens it hands the language model are row-major again; the processor is Qwen2-VL's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from lavender.student.geometry import FULL_VIEW
 
 @register_adapter
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl",)
+    model_types = ("qwen2_vl", "qwen2_5_vl")
     image_inputs_hint = "pixel_values and image_grid_thw"
 
     def query_mask(self, inputs, positions, image=0):
