@@ -8,7 +8,7 @@ from PIL import Image
 
 from lavender.tiny.vlm import build_tiny_vlm
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),
@@ -33,7 +33,7 @@ def make_batch(kind: str, processor, images: list[Image.Image], conversations=CO
         for question, answer in conversations[: len(images)]
     ]
     processor.tokenizer.padding_side = "left"
-    nested = [[image] for image in images] if kind == "mllama" else images
+    nested = [[image] for image in images] if kind in ("mllama", "gemma3") else images
     return dict(processor(images=nested, text=texts, return_tensors="pt", padding=True))
 
 

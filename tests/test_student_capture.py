@@ -74,7 +74,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="supported: llava, mllama, qwen2_5_vl, qwen2_vl"):
+    with pytest.raises(ValueError, match="supported: gemma3, llava, mllama, qwen2_5_vl, qwen2_vl"):
         get_adapter(model)
 
 
@@ -152,3 +152,34 @@ def test_query_probabilities_equal_a_float64_softmax_of_the_full_matrix(
         for i, row in enumerate(positions[b].tolist()):
             if row >= 0:
                 torch.testing.assert_close(got[b, :, i].double(), reference[b, :, row], rtol=0, atol=1e-6)
+
+
+def test_gemma3_sliding_window_layer_rows_equal_eager_and_full_layers_are_the_default():
+    """Gemma 3's sliding-window layer hides the image from rows more than a window past it; captured
+    there by name, the rows still equal eager attention, window included."""
+    from transformers import Gemma3ImageProcessorPil
+
+    model, inputs, positions = tiny_batch("gemma3")
+    assert AttentionCapture(model).layers == [1]  # the full-attention layer; layer 0 slides
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+    capture = AttentionCapture(model, layers=[0, 1])
+    with torch.no_grad(), capture.record(positions):
+        model(**inputs)
+    for layer in (0, 1):
+        for b, rows in enumerate(positions):
+            rows = rows[rows >= 0]
+            torch.testing.assert_close(capture._last.probs[layer][b, :, : len(rows)],
+                                       reference.attentions[layer][b][:, rows], rtol=0, atol=1e-5)
+    # in the sliding layer (window 24) the first row of sample 0 is 23..38 tokens past its image
+    # tokens and sees only the last of them, sample 1's is 34+ past and sees none; the full layer sees all
+    sliding, full = capture._last.probs[0][:, :, 0], capture._last.probs[1][:, :, 0]  # (B, H, S)
+    image_keys = inputs["input_ids"] == model.config.image_token_id
+    seen = sliding[0][:, image_keys[0]].amax(0) > 0
+    assert seen.any() and not seen.all()
+    assert sliding[1][:, image_keys[1]].sum() == 0 and (full[1][:, image_keys[1]] > 0).all()
+
+    with pytest.raises(ValueError, match="pan-and-scan"):
+        AttentionCapture(model, processor=Gemma3ImageProcessorPil(do_pan_and_scan=True))

@@ -32,6 +32,10 @@ CASES = {
     ],
     "qwen2_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
     # the same grids; 8×8 merged tokens here span 4×4 of the tower's 2×2-token attention windows
+    # the image stretched to 64 px, 8×8 patches pooled to 4×4 tokens of 16 px: on the 2:1 images a
+    # token is 32×16 px of the image, so the region is one token along the short side and centred
+    # on the token along the long side
+    "gemma3": [("square", 64, 64, 16, 32, 16), ("wide", 128, 64, 16, 104, 16), ("tall", 64, 128, 72, 16, 16)],
     "qwen2_5_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
 }
 

@@ -2,7 +2,7 @@
 
 example:
   lavender tiny sd runs/tiny-sd          a Stable Diffusion 1.x pipeline (teacher)
-  lavender tiny llava runs/tiny-llava    a VLM (student); also mllama, qwen2_vl, qwen2_5_vl
+  lavender tiny llava runs/tiny-llava    a VLM (student); also mllama, qwen2_vl, qwen2_5_vl, gemma3
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -234,11 +234,65 @@ def _qwen_vl_text(tokenizer, ids) -> dict:
     )
 
 
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+def build_tiny_gemma3(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Gemma 3 layout: SigLIP (64 px, patch 8 → 8×8 patches) average-pooled to 4×4 soft tokens
+    per image, between ``<start_of_image>`` and ``<end_of_image>``; a sliding-window layer (window
+    24, so late rows see only part of the image) then a full-attention layer."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessorPil,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    images = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tokenizer = _tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", *images.values()],
+                           "<bos>", "<end_of_turn>", "<pad>", unk_token="<unk>", extra_special_tokens=images)
+    image_processor = Gemma3ImageProcessorPil(size={"height": 64, "width": 64})
+    processor = Gemma3Processor(image_processor, tokenizer, chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=16)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=Gemma3TextConfig(
+            vocab_size=len(tokenizer), num_hidden_layers=2, head_dim=8, query_pre_attn_scalar=8,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=24,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **_TEXT,
+        ),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=64, patch_size=8),
+        mm_tokens_per_image=16,
+        boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"),
+    )
+    model = _seeded(seed, Gemma3ForConditionalGeneration, config)
+    # The projection into the language model starts at zero; give it weights like a trained model's.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return model, processor
+
+
 BUILDERS: dict[str, Callable] = {
     "llava": build_tiny_llava,
     "mllama": build_tiny_mllama,
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "gemma3": build_tiny_gemma3,
 }
 
 
