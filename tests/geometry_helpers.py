@@ -60,11 +60,11 @@ def look_at_bright_patches(model, kind: str) -> list:
         features[..., 0] = values
         return features
 
-    if kind == "llava":
+    if kind in ("llava", "llava_next", "llava_onevision"):
         _average_patches(inner.vision_tower.embeddings.patch_embedding)
         hooks.append(inner.vision_tower.embeddings.patch_embedding.register_forward_hook(remember("patches")))
 
-        def projector(module, args, output):  # (images, side², hidden), CLS already dropped
+        def projector(module, args, output):  # (images or tiles, side², hidden), CLS already dropped
             return brightness_features(seen["patches"][:, 0].flatten(1), output)
 
         hooks.append(inner.multi_modal_projector.register_forward_hook(projector))

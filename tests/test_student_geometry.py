@@ -32,6 +32,27 @@ CASES = {
     ],
     "qwen2_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
     # the same grids; 8×8 merged tokens here span 4×4 of the tower's 2×2-token attention windows
+    # LLaVA-NeXT's any-resolution grid of 14 px patches on a canvas of 42 px tiles: a region of one
+    # canvas patch; 84×42 and 42×84 fill 2:1 canvases exactly; 168×84 is fitted to 126×63 on an
+    # 84×126 canvas (10 px of padding above, 11 below) and unpadded to the 4 patch rows 1..4, so its
+    # region is one canvas patch, 14/0.75 px, placed where that patch falls
+    "llava_next": [
+        ("square", 84, 84, 28, 56, 14),
+        ("wide", 84, 42, 14, 56, 14),
+        ("tall", 42, 84, 56, 14, 14),
+        ("wide_unpadded", 168, 84, 24, 112, 19),
+    ],
+    # OneVision's grid shrinks past 4 tiles' worth of patches (anyres_max_4 here): 126×126 gives
+    # 9×9 patches, shrunk to 6×6 by bilinear interpolation: shrunk cell j samples patch position
+    # 1.5·j + 0.25, so the region is the two patches that one shrunk cell (row 1, column 4) reads
+    # with weights summing to one
+    "llava_onevision": [
+        ("square", 84, 84, 28, 56, 14),
+        ("wide", 84, 42, 14, 56, 14),
+        ("tall", 42, 84, 56, 14, 14),
+        ("wide_unpadded", 168, 84, 24, 112, 19),
+        ("square_shrunk", 126, 126, 14, 84, 28),
+    ],
     # the image stretched to 64 px, 8×8 patches pooled to 4×4 tokens of 16 px: on the 2:1 images a
     # token is 32×16 px of the image, so the region is one token along the short side and centred
     # on the token along the long side
@@ -189,3 +210,42 @@ def test_llava_view_follows_the_processor_settings():
         get_adapter(model, wrong).view(84, 168)
     with pytest.raises(ValueError, match="processor"):
         get_adapter(model).view(84, 168)
+
+
+@pytest.mark.parametrize("kind", ["llava_next", "llava_onevision"])
+def test_any_resolution_view_follows_the_processor_fit_and_the_models_unpadding(kind):
+    model, processor = build_tiny_vlm(kind)
+    adapter = get_adapter(model, processor)
+    assert adapter.view(84, 84) == FULL_VIEW  # a 2×2-tile canvas, filled
+    # 84×168 (h×w): canvas 84×126, the image fitted to 63×126 with 10 px above; the model keeps
+    # patch rows 1..4 of 6, canvas pixels 14..70
+    assert astuple(adapter.view(84, 168)) == pytest.approx((4 / 63, 60 / 63, 0.0, 1.0))
+    # 42×100: canvas 42×126, fitted to 42×100 with 13 px on the left; columns 1..7 of 9 kept, pixels 14..112
+    assert astuple(adapter.view(42, 100)) == pytest.approx((0.0, 1.0, 1 / 100, 99 / 100))
+
+
+def test_onevision_images_of_a_multi_image_sample_are_their_base_views():
+    model, processor = build_tiny_vlm("llava_onevision")
+    first = image_with_region(84, 84, 28, 56, 28)  # base view: 84 px stretched to 42, patch (1, 2)
+    # padded to a centred 168 px square (42 px above and below, in the mean colour, brighter than
+    # black), then 42 px: patch (1, 1), all of it
+    second = image_with_region(168, 84, 14, 56, 56)
+    text = processor.apply_chat_template([
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this?"}]},
+        {"role": "assistant", "content": "a red cube"},
+    ])
+    inputs = dict(processor(images=[[first, second]], text=[text], return_tensors="pt"))
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 2 * (9 + 1)  # base + newline each
+    hooks = look_at_bright_patches(model, "llava_onevision")
+    capture = AttentionCapture(model, processor=processor)
+    for image, (picture, (top, left, side)) in enumerate([(first, (28, 56, 28)), (second, (14, 56, 56))]):
+        size = (picture.height, picture.width)
+        layout = capture.adapter.layouts(inputs, [size], image)[0]
+        assert layout.keys.shape == (3, 3)
+        maps, visible = student_map(model, processor, capture, "llava_onevision", inputs, [size], image=image)
+        cell, found = teacher_cell(top, left, side, *size, R), peak(maps)
+        assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+    assert capture.adapter.base_view(84, 168) == View(-0.5, 1.5, 0.0, 1.0)
+    capture.close()
+    for hook in hooks:
+        hook.remove()

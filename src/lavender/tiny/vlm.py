@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "llava_onevision")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -234,6 +234,93 @@ def _qwen_vl_text(tokenizer, ids) -> dict:
     )
 
 
+# Any-resolution canvases of the tiny LLaVA-NeXT / OneVision: 1 to 3 tiles of 42 px along each side.
+_ANYRES_PINPOINTS = [[42, 42], [42, 84], [84, 42], [84, 84], [42, 126], [126, 42], [84, 126], [126, 84], [126, 126]]
+
+
+def build_tiny_llava_next(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """LLaVA-NeXT layout: CLIP ViT (42 px tiles, patch 14 → 3×3 patches, CLS dropped) + Llama; a base
+    view plus a grid of up to 3×3 tiles (``_ANYRES_PINPOINTS``), unpadded, a newline token per row."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
+                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}, image_grid_pinpoints=_ANYRES_PINPOINTS
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        chat_template=chat_template("<image>\n", "ROLE_UPPER: ", " ", bos="{{ bos_token }}"),
+        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            image_size=42, patch_size=14, projection_dim=32,
+        ),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2,
+                                pad_token_id=tokenizer.pad_token_id, **_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=_ANYRES_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    return _seeded(seed, LlavaNextForConditionalGeneration, config), processor
+
+
+def build_tiny_llava_onevision(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """LLaVA-OneVision layout: SigLIP (42 px tiles, patch 14 → 3×3 patches) + Qwen2; LLaVA-NeXT's
+    grid, shrunk when it exceeds 4 tiles' worth of patches (``anyres_max_4``; real checkpoints use
+    ``anyres_max_9`` with larger canvases); base view only for an image of a multi-image sample."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.utils import is_torchvision_available
+
+    from lavender.processors import image_only
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+    tokenizer = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>",
+                           extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    template = chat_template("<image>\\n", "<|im_start|>ROLE\\n", "<|im_end|>\\n")
+    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 42, "width": 42},
+                                                      image_grid_pinpoints=_ANYRES_PINPOINTS)
+    settings = dict(num_image_tokens=9, vision_feature_select_strategy="full", chat_template=template,
+                    vision_aspect_ratio="anyres_max_4")
+    if is_torchvision_available():
+        from transformers import LlavaOnevisionVideoProcessor
+
+        processor = LlavaOnevisionProcessor(image_processor, tokenizer, LlavaOnevisionVideoProcessor(), **settings)
+    else:
+        processor = image_only(LlavaOnevisionProcessor)(image_processor, tokenizer, **settings)
+    ids = tokenizer.convert_tokens_to_ids
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=42, patch_size=14),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT),
+        image_token_index=ids("<image>"),
+        video_token_index=ids("<video>"),
+        image_grid_pinpoints=_ANYRES_PINPOINTS,
+        vision_aspect_ratio="anyres_max_4",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    return _seeded(seed, LlavaOnevisionForConditionalGeneration, config), processor
+
+
 GEMMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
@@ -293,6 +380,8 @@ BUILDERS: dict[str, Callable] = {
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "gemma3": build_tiny_gemma3,
+    "llava_next": build_tiny_llava_next,
+    "llava_onevision": build_tiny_llava_onevision,
 }
 
 
