@@ -7,8 +7,8 @@ The model is made to look at bright pixels, using its own modules wherever the g
   each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
 * no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
   the processor lays its patches out (Qwen2-VL: the mean of each 2×2 merge block; Qwen2.5-VL: the
-  same, on the tower's output after it undoes its window permutation; Gemma 3: the patch grid
-  average-pooled like its projector), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
+  same, on the tower's output after it undoes its window permutation; Gemma 3: the tower's
+  output carries the patches' brightness through the projector's own pooling), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
   cross-attention layers (Mllama);
 * queries are all ones and each key is ``SHARPNESS`` × its token's brightness (RoPE off), so every
   text row attends to the brightest patch.
@@ -86,14 +86,18 @@ def look_at_bright_patches(model, kind: str) -> list:
 
         hooks.append(inner.visual.register_forward_hook(tower))
     elif kind == "gemma3":
-        _average_patches(inner.vision_tower.embeddings.patch_embedding)
-        hooks.append(inner.vision_tower.embeddings.patch_embedding.register_forward_hook(remember("patches")))
-
-        def projector(module, args, output):  # (images, N, hidden): the patch grid pooled to √N×√N
-            pooled = torch.nn.functional.avg_pool2d(seen["patches"][:, :1], module.kernel_size)
-            return brightness_features(pooled.flatten(1), output)
-
-        hooks.append(inner.multi_modal_projector.register_forward_hook(projector))
+        # the tower's output carries each patch's brightness; the projector's own pooling runs on it
+        tower = inner.vision_tower
+        _average_patches(tower.embeddings.patch_embedding)
+        hooks += [
+            tower.embeddings.patch_embedding.register_forward_hook(remember("patches")),
+            tower.post_layernorm.register_forward_hook(
+                lambda module, args, output: brightness_features(seen["patches"][:, 0].flatten(1), output)),
+            inner.multi_modal_projector.mm_soft_emb_norm.register_forward_hook(
+                lambda module, args, output: seen.update(pooled=args[0][..., 0])),
+            inner.multi_modal_projector.register_forward_hook(
+                lambda module, args, output: brightness_features(seen["pooled"], output)),
+        ]
     elif kind == "mllama":
         _average_patches(inner.vision_model.patch_embedding)
         hooks.append(inner.vision_model.patch_embedding.register_forward_hook(remember("patches")))
