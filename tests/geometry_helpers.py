@@ -7,8 +7,9 @@ The model is made to look at bright pixels, using its own modules wherever the g
   each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
 * no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
   the processor lays its patches out (Qwen2-VL: the mean of each 2×2 merge block; Qwen2.5-VL: the
-  same, on the tower's output after it undoes its window permutation; Gemma 3: the tower's
-  output carries the patches' brightness through the projector's own pooling), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
+  same, on the tower's output after it undoes its window permutation; Gemma 3 and Idefics3: the
+  tower's output carries the patches' brightness through the projector's own pooling or pixel
+  shuffle), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
   cross-attention layers (Mllama);
 * queries are all ones and each key is ``SHARPNESS`` × its token's brightness (RoPE off), so every
   text row attends to the brightest patch.
@@ -45,7 +46,7 @@ def _average_patches(conv: torch.nn.Module) -> None:
 def look_at_bright_patches(model, kind: str) -> list:
     """Hooks (and patch-embedding weights) that make text rows attend to the brightest patch."""
     inner = model.model
-    language_model = inner.language_model
+    language_model = model.get_decoder()
     seen: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -76,6 +77,18 @@ def look_at_bright_patches(model, kind: str) -> list:
             return brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output)
 
         hooks.append(inner.visual.merger.register_forward_hook(merger))
+    elif kind == "idefics3":
+        # the tower's output carries each patch's brightness; the connector's own pixel shuffle folds
+        # it into tokens, whose channels for hidden unit 0 are the r×r patches of the token's block
+        tower, width = inner.vision_model, model.config.vision_config.hidden_size
+        _average_patches(tower.embeddings.patch_embedding)
+        hooks += [
+            tower.embeddings.patch_embedding.register_forward_hook(remember("patches")),
+            tower.post_layernorm.register_forward_hook(
+                lambda module, args, output: brightness_features(seen["patches"][:, 0].flatten(1), output)),
+            inner.connector.modality_projection.register_forward_hook(
+                lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
+        ]
     elif kind == "qwen2_5_vl":
         _average_patches(inner.visual.patch_embed.proj)
         hooks.append(inner.visual.patch_embed.register_forward_hook(remember("patches")))

@@ -53,6 +53,9 @@ CASES = {
         ("wide_unpadded", 168, 84, 24, 112, 19),
         ("square_shrunk", 126, 126, 14, 84, 28),
     ],
+    # Idefics3: at most 112 px, stretched to whole 56 px tiles, 4×4 tokens of 14 px per tile: 2×2
+    # tiles for the square, 1×2 and 2×1 for the 2:1 images (halved, so a token is 28 px of them)
+    "idefics3": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
     # the image stretched to 64 px, 8×8 patches pooled to 4×4 tokens of 16 px: on the 2:1 images a
     # token is 32×16 px of the image, so the region is one token along the short side and centred
     # on the token along the long side
@@ -246,6 +249,42 @@ def test_onevision_images_of_a_multi_image_sample_are_their_base_views():
         cell, found = teacher_cell(top, left, side, *size, R), peak(maps)
         assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
     assert capture.adapter.base_view(84, 168) == View(-0.5, 1.5, 0.0, 1.0)
+    capture.close()
+    for hook in hooks:
+        hook.remove()
+
+
+def test_idefics3_two_images_and_global_view_only_layouts():
+    """Several images in one sample are told apart by their global views; a processor that does not
+    split shows the global view alone, and the map comes from it."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    model, processor = build_tiny_vlm("idefics3")
+    hooks = look_at_bright_patches(model, "idefics3")
+    tall, wide = image_with_region(112, 224, 140, 56, 28), image_with_region(224, 112, 56, 140, 28)
+    text = processor.apply_chat_template([
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this?"}]},
+    ], add_generation_prompt=True)
+    inputs = dict(processor(images=[[tall, wide]], text=[text], return_tensors="pt"))
+    capture = AttentionCapture(model, processor=processor)
+    for image, (picture, region, shape) in enumerate([(tall, (140, 56, 28), (8, 4)), (wide, (56, 140, 28), (4, 8))]):
+        size = (picture.height, picture.width)
+        assert capture.adapter.layouts(inputs, [size], image)[0].keys.shape == shape
+        maps, visible = student_map(model, processor, capture, "idefics3", inputs, [size], image=image)
+        cell, found = teacher_cell(*region, *size, R), peak(maps)
+        assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+
+    unsplit = Idefics3Processor(
+        Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56},
+                                  do_image_splitting=False),
+        processor.tokenizer, image_seq_len=16, chat_template=processor.chat_template,
+    )
+    picture = image_with_region(112, 56, 14, 56, 14)  # stretched to 56×56: token (1, 2) of 4×4
+    inputs = make_batch("idefics3", unsplit, [picture])
+    assert capture.adapter.layouts(inputs, [(56, 112)])[0].keys.shape == (4, 4)
+    maps, visible = student_map(model, unsplit, capture, "idefics3", inputs, [(56, 112)])
+    cell, found = teacher_cell(14, 56, 14, 56, 112, R), peak(maps)
+    assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (found, cell)
     capture.close()
     for hook in hooks:
         hook.remove()

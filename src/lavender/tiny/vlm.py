@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "llava_onevision")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "llava_onevision", "idefics3")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -321,6 +321,46 @@ def build_tiny_llava_onevision(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, LlavaOnevisionForConditionalGeneration, config), processor
 
 
+IDEFICS3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<end_of_utterance>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_idefics3(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Idefics3 layout: images resized to at most 112 px, cut into 56 px tiles (up to 2×2) plus a
+    56 px global view; 8×8 patches of 7 px per tile, pixel-shuffled 2×2 into 4×4 tokens."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    markers += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = _tokenizer(["<|begin_of_text|>", "<|end_of_text|>", "<pad>", *markers],
+                           "<|begin_of_text|>", "<end_of_utterance>", "<pad>")
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
+    processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=16, chat_template=IDEFICS3_CHAT_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=56, patch_size=7),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **_TEXT),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=2,
+    )
+    return _seeded(seed, Idefics3ForConditionalGeneration, config), processor
+
+
 GEMMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
@@ -382,6 +422,7 @@ BUILDERS: dict[str, Callable] = {
     "gemma3": build_tiny_gemma3,
     "llava_next": build_tiny_llava_next,
     "llava_onevision": build_tiny_llava_onevision,
+    "idefics3": build_tiny_idefics3,
 }
 
 

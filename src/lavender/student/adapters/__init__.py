@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lavender.student.adapters import gemma3, llava, llava_next, mllama, qwen2_vl  # noqa: F401  (they register themselves)
+from lavender.student.adapters import gemma3, idefics3, llava, llava_next, mllama, qwen2_vl  # noqa: F401  (they register themselves)
 from lavender.student.adapters.base import ADAPTERS, Adapter, register_adapter
 
 
