@@ -89,6 +89,8 @@ def test_lora_targets_are_scoped_to_the_language_model():
     assert re.fullmatch(pattern, "model.language_model.layers.3.cross_attn.v_proj")
     assert not re.fullmatch(pattern, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
     assert not re.fullmatch(pattern, "model.language_model.layers.0.self_attn.k_proj")
+    assert re.fullmatch(pattern, "model.text_model.layers.1.self_attn.q_proj")  # Idefics3
+    assert not re.fullmatch(pattern, "model.vision_model.encoder.layers.0.self_attn.q_proj")  # Idefics3
     assert lora_target_regex(r".*\.q_proj") == r".*\.q_proj"  # a string is the user's own regex
     both = lora_target_regex(["q_proj", "v_proj"], vision=True)
     assert re.fullmatch(both, "model.language_model.layers.0.self_attn.q_proj")

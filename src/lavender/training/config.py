@@ -32,6 +32,8 @@ DTYPES = ("bfloat16", "float16", "float32")
 WARMUPS = ("aligner", "alignment")  # what the first aligner_warmup_steps train (see LavenderArguments)
 # where vision towers sit in transformers' VLMs (Mllama, LLaVA, Qwen2-VL)
 VISION_TOWERS = ("vision_model", "vision_tower", "visual")
+# where their language models sit (Idefics3 calls it text_model)
+LANGUAGE_MODELS = ("language_model", "text_model")
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).
@@ -335,5 +337,5 @@ def lora_target_regex(target_modules: list[str] | str, vision: bool = False) -> 
     if isinstance(target_modules, str):
         return target_modules
     names = "|".join(sorted(set(target_modules)))
-    towers = "|".join(("language_model", *VISION_TOWERS)) if vision else "language_model"
+    towers = "|".join((*LANGUAGE_MODELS, *VISION_TOWERS) if vision else LANGUAGE_MODELS)
     return rf".*({towers})\..*\.({names})"
