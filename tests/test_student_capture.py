@@ -171,11 +171,11 @@ def test_gemma3_sliding_window_layer_rows_equal_eager_and_full_layers_are_the_de
     for layer in (0, 1):
         for b, rows in enumerate(positions):
             rows = rows[rows >= 0]
-            torch.testing.assert_close(capture._last.probs[layer][b, :, : len(rows)],
+            torch.testing.assert_close(capture._last.logits[layer].probabilities()[b, :, : len(rows)],
                                        reference.attentions[layer][b][:, rows], rtol=0, atol=1e-5)
     # in the sliding layer (window 24) the first row of sample 0 is 23..38 tokens past its image
     # tokens and sees only the last of them, sample 1's is 34+ past and sees none; the full layer sees all
-    sliding, full = capture._last.probs[0][:, :, 0], capture._last.probs[1][:, :, 0]  # (B, H, S)
+    sliding, full = (capture._last.logits[layer].probabilities()[:, :, 0] for layer in (0, 1))  # (B, H, S)
     image_keys = inputs["input_ids"] == model.config.image_token_id
     seen = sliding[0][:, image_keys[0]].amax(0) > 0
     assert seen.any() and not seen.all()
