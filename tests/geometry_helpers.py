@@ -89,11 +89,11 @@ def look_at_bright_patches(model, kind: str) -> list:
             inner.connector.modality_projection.register_forward_hook(
                 lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
         ]
-    elif kind == "qwen2_5_vl":
+    elif kind in ("qwen2_5_vl", "qwen3_vl"):
         _average_patches(inner.visual.patch_embed.proj)
         hooks.append(inner.visual.patch_embed.register_forward_hook(remember("patches")))
 
-        def tower(module, args, output):  # the tower's output, after it undid its window permutation
+        def tower(module, args, output):  # the tower's output (Qwen2.5-VL: after it undid its window permutation)
             output.pooler_output = brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output.pooler_output)
             return output
 

@@ -56,6 +56,8 @@ CASES = {
     # Idefics3: at most 112 px, stretched to whole 56 px tiles, 4×4 tokens of 14 px per tile: 2×2
     # tiles for the square, 1×2 and 2×1 for the 2:1 images (halved, so a token is 28 px of them)
     "idefics3": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
+    # Qwen3-VL: patch 16, one token per 32 px
+    "qwen3_vl": [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)],
     # the image stretched to 64 px, 8×8 patches pooled to 4×4 tokens of 16 px: on the 2:1 images a
     # token is 32×16 px of the image, so the region is one token along the short side and centred
     # on the token along the long side

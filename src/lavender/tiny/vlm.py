@@ -1,17 +1,18 @@
 """Tiny random-weight vision-language models of the real transformers classes.
 
-Each builder returns ``(model, processor)``: a real ``LlavaForConditionalGeneration``,
-``MllamaForConditionalGeneration`` or ``Qwen2VLForConditionalGeneration`` a few hundred
-kilobytes big, with a real image processor, a byte-level BPE tokenizer trained locally (no hub
+Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
+(``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
+LLaVA-OneVision, Idefics3) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
-torchvision, Qwen2-VL's processor is built and loaded without its video processor:
+torchvision, processors that carry a video processor are built and loaded without it:
 :mod:`lavender.processors`).
 
 The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
-non-square Qwen2-VL grids.
+non-square Qwen grids, Qwen2.5-VL's vision windows, Gemma 3's sliding-window layer, LLaVA-NeXT
+canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "gemma3", "llava_next", "llava_onevision", "idefics3")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -195,8 +196,39 @@ def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, Qwen2_5_VLForConditionalGeneration, config), processor
 
 
-def _qwen_vl_processor(processor_class):
-    """A Qwen-VL processor (``processor_class``) and its tokenizer's ``convert_tokens_to_ids``."""
+def build_tiny_qwen3_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Qwen3-VL layout: patch 16, 2×2 merge (one token per 32×32 px), interpolated vision position
+    embeddings, deepstack features of vision block 0 added to the first decoder layer, interleaved
+    M-RoPE, q/k norms."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+
+    processor, ids = _qwen_vl_processor(
+        Qwen3VLProcessor, "Qwen3VLVideoProcessor", patch_size=16, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    )
+    tokenizer = processor.tokenizer
+    config = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                           deepstack_visual_indexes=[0]),
+        text_config=dict(
+            vocab_size=len(tokenizer), num_hidden_layers=2, head_dim=8, max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                             "mrope_interleaved": True},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    return _seeded(seed, Qwen3VLForConditionalGeneration, config), processor
+
+
+def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProcessor", **image_settings):
+    """A Qwen-VL processor (``processor_class``; its video processor's class name, used where
+    torchvision is installed) and its tokenizer's ``convert_tokens_to_ids``."""
+    import transformers
     from transformers import Qwen2VLImageProcessorPil
     from transformers.utils import is_torchvision_available
 
@@ -208,11 +240,10 @@ def _qwen_vl_processor(processor_class):
     template = chat_template(
         "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>ROLE\\n", "<|im_end|>\\n"
     )
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+    image_processor = Qwen2VLImageProcessorPil(**{"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64, **image_settings})
     if is_torchvision_available():
-        from transformers import Qwen2VLVideoProcessor
-
-        processor = processor_class(image_processor, tokenizer, Qwen2VLVideoProcessor(), chat_template=template)
+        videos = getattr(transformers, video_processor)()
+        processor = processor_class(image_processor, tokenizer, videos, chat_template=template)
     else:
         processor = image_only(processor_class)(image_processor, tokenizer, chat_template=template)
     return processor, tokenizer.convert_tokens_to_ids
@@ -419,6 +450,7 @@ BUILDERS: dict[str, Callable] = {
     "mllama": build_tiny_mllama,
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
+    "qwen3_vl": build_tiny_qwen3_vl,
     "gemma3": build_tiny_gemma3,
     "llava_next": build_tiny_llava_next,
     "llava_onevision": build_tiny_llava_onevision,

@@ -1,5 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``):
-``<|image_pad|>`` tokens, one per 2×2 patch block.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``): ``<|image_pad|>``
+tokens, one per 2×2 patch block.
 
 An image of ``image_grid_thw`` (t, h, w) patches becomes t·(h/m)·(w/m) tokens with the spatial
 merge m (2), row-major over the merged (h/m, w/m) grid, between ``<|vision_start|>`` and
@@ -12,7 +13,9 @@ processor's pixel limits (``image_sizes`` are not needed).
 
 Qwen2.5-VL keeps this layout: its vision tower attends within windows of merged tokens (a
 permutation of the patches inside the tower) and undoes the permutation after its merger, so the
-tokens it hands the language model are row-major again; the processor is Qwen2-VL's.
+tokens it hands the language model are row-major again; the processor is Qwen2-VL's. Qwen3-VL
+too (16 px patches, so 32 px per token): its deepstack features are added to the hidden states
+of the first decoder layers at the same image positions, which changes no key's place.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from lavender.student.geometry import FULL_VIEW
 
 @register_adapter
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     image_inputs_hint = "pixel_values and image_grid_thw"
 
     def query_mask(self, inputs, positions, image=0):
