@@ -7,7 +7,7 @@ The model is made to look at bright pixels, using its own modules wherever the g
   each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
 * no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
   the processor lays its patches out (Qwen2-VL: the mean of each 2×2 merge block; Qwen2.5-VL: the
-  same, on the tower's output after it undoes its window permutation; Gemma 3 and Idefics3: the
+  same, on the tower's output after it undoes its window permutation; Gemma 3, Idefics3 and InternVL: the
   tower's output carries the patches' brightness through the projector's own pooling or pixel
   shuffle), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
   cross-attention layers (Mllama);
@@ -87,6 +87,23 @@ def look_at_bright_patches(model, kind: str) -> list:
             tower.post_layernorm.register_forward_hook(
                 lambda module, args, output: brightness_features(seen["patches"][:, 0].flatten(1), output)),
             inner.connector.modality_projection.register_forward_hook(
+                lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
+        ]
+    elif kind == "internvl":
+        # as Idefics3: the model's own pixel shuffle folds the tower's per-patch brightness (CLS first)
+        tower, width = inner.vision_tower, model.config.vision_config.hidden_size
+        embedding = tower.embeddings.patch_embeddings.projection
+        _average_patches(embedding)
+
+        def tower_output(module, args, output):
+            patches = torch.nn.functional.pad(seen["patches"][:, 0].flatten(1), (1, 0))
+            output.last_hidden_state = brightness_features(patches, output.last_hidden_state)
+            return output
+
+        hooks += [
+            embedding.register_forward_hook(remember("patches")),
+            tower.register_forward_hook(tower_output),
+            inner.multi_modal_projector.register_forward_hook(
                 lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
         ]
     elif kind in ("qwen2_5_vl", "qwen3_vl"):

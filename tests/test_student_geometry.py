@@ -58,6 +58,9 @@ CASES = {
     "idefics3": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
     # Qwen3-VL: patch 16, one token per 32 px
     "qwen3_vl": [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)],
+    # InternVL: 56 px tiles of 4×4 tokens (14 px), the grid of 1–4 tiles closest to the aspect ratio:
+    # 2×2 for the square, 1×2 and 2×1 for the 2:1 images (halved, so a token is 28 px of them)
+    "internvl": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
     # the image stretched to 64 px, 8×8 patches pooled to 4×4 tokens of 16 px: on the 2:1 images a
     # token is 32×16 px of the image, so the region is one token along the short side and centred
     # on the token along the long side
@@ -287,6 +290,31 @@ def test_idefics3_two_images_and_global_view_only_layouts():
     maps, visible = student_map(model, unsplit, capture, "idefics3", inputs, [(56, 112)])
     cell, found = teacher_cell(14, 56, 14, 56, 112, R), peak(maps)
     assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (found, cell)
+    capture.close()
+    for hook in hooks:
+        hook.remove()
+
+
+def test_internvl_single_tile_and_thumbnail_layouts():
+    """A small image is one tile (no thumbnail); without image sizes a tiled image is mapped from
+    its thumbnail; sizes that do not give the run's tile count are refused."""
+    model, processor = build_tiny_vlm("internvl")
+    hooks = look_at_bright_patches(model, "internvl")
+    capture = AttentionCapture(model, processor=processor)
+    small = image_with_region(48, 48, 12, 24, 12)  # 1×1 tile of 4×4 tokens of 12 px: token (1, 2)
+    inputs = make_batch("internvl", processor, [small])
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+    maps, visible = student_map(model, processor, capture, "internvl", inputs, [(48, 48)])
+    cell, found = teacher_cell(12, 24, 12, 48, 48, R), peak(maps)
+    assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (found, cell)
+
+    tiled = make_batch("internvl", processor, [image_with_region(112, 112, 28, 70, 14)])  # 2×2 + thumbnail
+    columns = torch.nonzero(tiled["input_ids"][0] == model.config.image_token_id).squeeze(-1)
+    assert len(columns) == 5 * 16
+    assert torch.equal(capture.adapter.layouts(tiled, None)[0].keys, columns[-16:].view(4, 4))
+    assert capture.adapter.layouts(tiled, [(112, 112)])[0].keys.shape == (8, 8)
+    with pytest.raises(ValueError, match="pass the processor used"):
+        capture.adapter.layouts(tiled, [(112, 224)])
     capture.close()
     for hook in hooks:
         hook.remove()

@@ -2,7 +2,7 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+LLaVA-OneVision, Idefics3, InternVL) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
@@ -26,7 +26,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -352,6 +352,48 @@ def build_tiny_llava_onevision(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, LlavaOnevisionForConditionalGeneration, config), processor
 
 
+def build_tiny_internvl(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """InternVL layout: 56 px tiles (8×8 patches of 7 px, CLS dropped) pixel-shuffled to 4×4
+    tokens; an image is cut into the rows × cols tiles closest to its aspect ratio (1 to 4 tiles),
+    plus a thumbnail when there are several, all in one ``<img>…</img>`` run; Qwen2 decoder."""
+    from transformers import (
+        GotOcr2ImageProcessorPil,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+    from transformers.utils import is_torchvision_available
+
+    from lavender.processors import image_only
+
+    markers = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+               "video_token": "<video>"}
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *markers.values()], None, "<|im_end|>",
+                           "<|endoftext|>", extra_special_tokens=markers)
+    template = chat_template("<IMG_CONTEXT>\\n", "<|im_start|>ROLE\\n", "<|im_end|>\\n")
+    image_processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True,
+                                               min_patches=1, max_patches=4)
+    settings = dict(image_seq_length=16, chat_template=template)
+    if is_torchvision_available():
+        from transformers import InternVLVideoProcessor
+
+        processor = InternVLProcessor(image_processor, tokenizer, InternVLVideoProcessor(), **settings)
+    else:
+        processor = image_only(InternVLProcessor)(image_processor, tokenizer, **settings)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=[56, 56], patch_size=[7, 7]),
+        text_config=Qwen2Config(vocab_size=len(tokenizer), num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT),
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=16,
+        downsample_ratio=0.5,
+    )
+    return _seeded(seed, InternVLForConditionalGeneration, config), processor
+
+
 IDEFICS3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
@@ -455,6 +497,7 @@ BUILDERS: dict[str, Callable] = {
     "llava_next": build_tiny_llava_next,
     "llava_onevision": build_tiny_llava_onevision,
     "idefics3": build_tiny_idefics3,
+    "internvl": build_tiny_internvl,
 }
 
 

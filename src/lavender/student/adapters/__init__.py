@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from lavender.student.adapters import gemma3, idefics3, llava, llava_next, mllama, qwen2_vl  # noqa: F401  (they register themselves)
+from lavender.student.adapters import (  # noqa: F401  (they register themselves)
+    gemma3,
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    mllama,
+    qwen2_vl,
+)
 from lavender.student.adapters.base import ADAPTERS, Adapter, register_adapter
 
 
