@@ -30,7 +30,7 @@ TEXT_SIDES = ("answer", "question", "both")
 QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that predict them
 DTYPES = ("bfloat16", "float16", "float32")
 WARMUPS = ("aligner", "alignment")  # what the first aligner_warmup_steps train (see LavenderArguments)
-# where vision towers sit in transformers' VLMs (Mllama, LLaVA, Qwen2-VL)
+# where vision towers sit in transformers' VLMs (every supported family)
 VISION_TOWERS = ("vision_model", "vision_tower", "visual")
 # where their language models sit (Idefics3 calls it text_model)
 LANGUAGE_MODELS = ("language_model", "text_model")
