@@ -164,7 +164,7 @@ def test_an_image_of_the_wrong_type_fails_alone_with_file_line_and_id(tmp_path, 
         read_records(manifest)
     output = tmp_path / "store"
     code, out, err = cli(capsys, "targets", "--data", str(manifest), "--model", str(tiny_sd()), "--output", str(output), *TARGET_ARGS)
-    assert code == 0 and "done 2, skipped 0 (already stored), failed 1" in out and "Traceback" not in err
+    assert code == 0 and "done 2 (2 exchange(s)), skipped 0 (already stored), failed 1" in out and "Traceback" not in err
     store = open_store(output)
     assert store.ids() == ["r0", "r2"]  # the good records of the bad record's shard are stored
     assert "data.jsonl:2: record 'odd': 'image' must be a path" in dict(store.errors())["odd"]
