@@ -1,6 +1,7 @@
 """The toy world: write its data, pretrain its models.
 
     lavender toy data --output runs/world                     # all splits, seed 0
+    lavender toy data --world binding --output runs/binding   # the world where grounding decides
     lavender toy pretrain-dm --data runs/world --output runs/toy-dm-stage1
     lavender toy pretrain-dm --data runs/world --init runs/toy-dm-stage1 --output runs/toy-dm \
         --steps 2000 --learning-rate 3e-4 --warmup-steps 0 --schedule constant \
@@ -19,19 +20,24 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from lavender.toy.splits import SPLITS
+    from lavender.toy.splits import WORLD_NAMES, get_world
 
     actions = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
 
     data = actions.add_parser("data", help="write the world's splits as records, images and masks")
     data.add_argument("--output", required=True, type=Path, help="folder to write (resumes if present)")
+    data.add_argument("--world", choices=WORLD_NAMES, default="shapes",
+                      help="shapes: the first world; binding: grounding is the bottleneck (docs/toy.md)")
     data.add_argument("--seed", type=int, default=0)
     data.add_argument("--image-size", type=int, default=64)
-    for split in SPLITS:
-        data.add_argument(f"--{split.name.replace('_', '-')}-size", type=int, default=split.size,
-                          dest=f"size_{split.name}", metavar="N", help=f"records in {split.name} (default {split.size})")
-    data.add_argument("--splits", nargs="+", default=None, choices=[s.name for s in SPLITS], metavar="SPLIT",
-                      help="only these splits (default: all)")
+    defaults = {world: {s.name: s.size for s in get_world(world).splits} for world in WORLD_NAMES}
+    names = list(dict.fromkeys(name for sizes in defaults.values() for name in sizes))
+    for name in names:
+        sizes = ", ".join(f"{world} {d[name]}" for world, d in defaults.items() if name in d)
+        data.add_argument(f"--{name.replace('_', '-')}-size", type=int, default=None, dest=f"size_{name}",
+                          metavar="N", help=f"records in {name} (default: {sizes})")
+    data.add_argument("--splits", nargs="+", default=None, choices=names, metavar="SPLIT",
+                      help="only these splits (default: all of the world's)")
 
     from lavender.toy.dm import SCHEDULES, DMConfig
 
@@ -96,11 +102,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from lavender.toy.splits import SPLIT_NAMES, write_world
+    from lavender.toy.splits import write_world
 
-    sizes = {name: getattr(args, f"size_{name}") for name in SPLIT_NAMES}
-    manifest = write_world(args.output, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                           splits=tuple(args.splits or SPLIT_NAMES))
+    sizes = {key[len("size_"):]: size for key, size in vars(args).items()
+             if key.startswith("size_") and size is not None}
+    try:
+        manifest = write_world(args.output, seed=args.seed, sizes=sizes, image_size=args.image_size,
+                               splits=tuple(args.splits) if args.splits else None, world=args.world)
+    except ValueError as error:
+        print(f"lavender toy data: {error}")
+        return 2
     print(f"wrote {args.output}: " + ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()))
     return 0
 

@@ -14,7 +14,8 @@ Layout of a world folder::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,44 @@ def make_record(seed: int, split: Split, index: int, image_size: int = 64) -> tu
     return record, pixels, masks
 
 
-def write_split(output: Path, seed: int, split: Split, image_size: int = 64, progress: bool = True) -> Path:
+@dataclass(frozen=True)
+class World:
+    """A kind of world: its splits (names, seed codes, default sizes) and how a record is drawn."""
+
+    name: str
+    splits: tuple[Split, ...]
+    make_record: Callable[[int, Split, int, int], tuple[dict, np.ndarray, list[np.ndarray]]]
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        return tuple(split.name for split in self.splits)
+
+
+# The binding world's vlm_pretrain holds captions only, so that question answering is new at SFT
+# time; its codes differ from the first world's so that no scene seed is shared between the two.
+BINDING_SPLITS: tuple[Split, ...] = (
+    Split("vlm_pretrain", 102, 8000, questions=False),
+    Split("sft", 103, 400, questions=True),
+    Split("val", 104, 300, questions=True),
+    Split("test_id", 105, 600, questions=True),
+    Split("test_ood", 106, 600, questions=True, ood=True),
+)
+WORLD_NAMES = ("shapes", "binding")
+
+
+def get_world(name: str) -> World:
+    """``shapes``: the first world (docs/toy.md, "Scenes"); ``binding``: :mod:`lavender.toy.binding`."""
+    if name == "shapes":
+        return World("shapes", SPLITS, make_record)
+    if name == "binding":
+        from lavender.toy import binding
+
+        return World("binding", BINDING_SPLITS, binding.make_record)
+    raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLD_NAMES)}")
+
+
+def write_split(output: Path, seed: int, split: Split, world: World, image_size: int = 64,
+                progress: bool = True) -> Path:
     """Write one split's images, masks and JSONL; the JSONL appears last, atomically."""
     from tqdm import tqdm
 
@@ -87,7 +125,7 @@ def write_split(output: Path, seed: int, split: Split, image_size: int = 64, pro
     mask_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in tqdm(range(split.size), desc=split.name, disable=not progress, leave=False):
-        record, pixels, masks = make_record(seed, split, index, image_size)
+        record, pixels, masks = world.make_record(seed, split, index, image_size)
         image_path = image_dir / f"{record['id']}.png"
         Image.fromarray(pixels).save(image_path)
         record["image"] = image_path.relative_to(output).as_posix()
@@ -121,38 +159,45 @@ def write_world(
     seed: int = 0,
     sizes: dict[str, int] | None = None,
     image_size: int = 64,
-    splits: tuple[str, ...] = SPLIT_NAMES,
+    splits: tuple[str, ...] | None = None,
     progress: bool = True,
+    world: str = "shapes",
 ) -> dict:
-    """Write the chosen splits of the world under ``output``; returns the manifest.
+    """Write the chosen splits (default: all) of the world named ``world`` under ``output``;
+    returns the manifest.
 
     A split whose JSONL already exists for the same seed, size and image size is skipped,
     so an interrupted run resumes.
     """
+    kind = get_world(world)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {}
-    unknown = set(sizes) - set(SPLIT_NAMES) | set(splits) - set(SPLIT_NAMES)
+    splits = kind.split_names if splits is None else splits
+    unknown = set(sizes) - set(kind.split_names) | set(splits) - set(kind.split_names)
     if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; the world has {list(SPLIT_NAMES)}")
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; the {world} world has {list(kind.split_names)}")
     manifest_path = output / "world.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if previous and (previous.get("seed"), previous.get("image_size")) != (seed, image_size):
+    # manifests written before the binding world existed name no world: they hold the first one
+    held = (previous.get("world", "shapes"), previous.get("seed"), previous.get("image_size"))
+    if previous and held != (world, seed, image_size):
         raise ValueError(
-            f"{output} holds a world with seed {previous.get('seed')} and image size {previous.get('image_size')}; "
-            f"write seed {seed}, image size {image_size} to an empty folder"
+            f"{output} holds the {held[0]} world with seed {held[1]} and image size {held[2]}; "
+            f"write the {world} world, seed {seed}, image size {image_size} to an empty folder"
         )
     written = dict(previous.get("splits", {}))
-    for split in SPLITS:
+    for split in kind.splits:
         if split.name not in splits:
             continue
-        split = Split(split.name, split.code, sizes.get(split.name, split.size), split.questions, split.ood)
+        split = replace(split, size=sizes.get(split.name, split.size))
         if written.get(split.name) == split.size and (output / f"{split.name}.jsonl").exists():
             continue
-        write_split(output, seed, split, image_size, progress)
+        write_split(output, seed, split, kind, image_size, progress)
         written[split.name] = split.size
         manifest = {
             "version": WORLD_VERSION,
+            "world": world,
             "seed": seed,
             "image_size": image_size,
             "splits": written,

@@ -139,7 +139,8 @@ def _refer(referents: dict[str, set[int]], words: list[str], objects: set[int]) 
             referents.setdefault(word, set()).update(objects)
 
 
-def _attribute_question(scene, rng, focus, attribute) -> Question | None:
+def attribute_question(scene: Scene, rng: np.random.Generator, focus: set[int], attribute: str) -> Question | None:
+    """A "What ATTRIBUTE is the …?" question about one of the ``focus`` objects, or None if no phrase names one."""
     candidates = [(i, d) for i in focus if (d := describe(scene, i, exclude=attribute)) is not None]
     if not candidates:
         return None
@@ -231,9 +232,9 @@ def make_question(
     held = {i for i, o in enumerate(scene.objects) if (o.shape, o.color) in HELD_OUT_PAIRS}
     focus = held or set(range(len(scene.objects)))
     builders = {
-        "color": lambda: _attribute_question(scene, rng, focus, "color"),
-        "shape": lambda: _attribute_question(scene, rng, focus, "shape"),
-        "size": lambda: _attribute_question(scene, rng, focus, "size"),
+        "color": lambda: attribute_question(scene, rng, focus, "color"),
+        "shape": lambda: attribute_question(scene, rng, focus, "shape"),
+        "size": lambda: attribute_question(scene, rng, focus, "size"),
         "exists": lambda: _exists_question(scene, rng, focus, config),
         "count": lambda: _count_question(scene, rng, focus),
         "relation": lambda: _relation_question(scene, rng, focus),

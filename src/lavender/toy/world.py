@@ -28,7 +28,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SIZES = ("small", "big")
 # Radius ranges in pixels at 64×64 (scaled with the image): big objects span about half of a
 # side, so they cover many cells of a 16×16 attention grid.
-_RADII = {"small": (7.0, 9.0), "big": (12.0, 15.0)}
+RADII = {"small": (7.0, 9.0), "big": (12.0, 15.0)}
 _REFERENCE_SIZE = 64
 # Every shape lies within EXTENT · r of its centre (the square's corner is the farthest).
 EXTENT = 1.15
@@ -126,9 +126,9 @@ def _try_sample_scene(rng: np.random.Generator, config: SceneConfig, count: int)
         else:
             shape, color = pairs[rng.integers(len(pairs))]
         size = SIZES[rng.integers(len(SIZES))]
-        low, high = _RADII[size]
+        low, high = RADII[size]
         r = float(rng.uniform(low, high)) * scale
-        placed = _place(rng, r, objects, config.size)
+        placed = place(rng, r, objects, config.size)
         if placed is None:
             return None
         jitter = rng.integers(-12, 13, size=3)
@@ -136,10 +136,11 @@ def _try_sample_scene(rng: np.random.Generator, config: SceneConfig, count: int)
         objects.append(Object(shape, color, size, placed[0], placed[1], round(r, 3), rgb))
     # The held-out object is drawn first but need not come first in the description.
     order = rng.permutation(len(objects))
-    return Scene(config.size, _sample_background(rng, config), tuple(objects[i] for i in order))
+    return Scene(config.size, sample_background(rng, config), tuple(objects[i] for i in order))
 
 
-def _place(rng: np.random.Generator, r: float, others: list[Object], size: int) -> tuple[float, float] | None:
+def place(rng: np.random.Generator, r: float, others: list[Object], size: int) -> tuple[float, float] | None:
+    """A centre for an object of radius ``r`` clear of ``others`` and the border; None after 50 tries."""
     margin = EXTENT * r + 1.0
     for _ in range(50):
         cx, cy = (round(float(v), 3) for v in rng.uniform(margin, size - margin, size=2))
@@ -148,7 +149,8 @@ def _place(rng: np.random.Generator, r: float, others: list[Object], size: int) 
     return None
 
 
-def _sample_background(rng: np.random.Generator, config: SceneConfig) -> Background:
+def sample_background(rng: np.random.Generator, config: SceneConfig) -> Background:
+    """One of ``config.backgrounds`` in neutral tones."""
     kind = config.backgrounds[rng.integers(len(config.backgrounds))]
     # Neutral, low-saturation tones, light or dark, so no background reads as an object colour.
     def neutral() -> tuple[int, int, int]:
