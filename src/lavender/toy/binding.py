@@ -4,13 +4,14 @@ The first world (:mod:`lavender.toy.splits`) showed that aligning attention to g
 masks gains nothing where the answer does not turn on where the VLM looks. This world is built
 so that it does (docs/toy.md, "The binding world"):
 
-* every scene holds four objects with four different shapes and four different colours, so
-  "What color is the triangle?" has four plausible answers in the image and only the object
-  the word binds to gives the right one;
-* one object is big, three are small. In ``sft`` and ``test_id`` the question is always about
-  the big one: "the colour of the biggest object" answers every training question, a shortcut
-  that never looks at the named object. In ``val`` and ``test_ood`` the big object is drawn
-  independently of the question, so the shortcut is right one time in four (chance);
+* every question scene holds four objects that differ in the attribute a question names them by
+  ("What color is the triangle?" among four shapes; "What shape is the red object?" among four
+  colours), so only the object the word binds to gives the answer;
+* one object is big: a decoy, never the one asked about. In ``sft`` and ``test_id`` the decoy
+  has the answer ("the colour of the big object" answers every training question without
+  reading the noun); in ``val`` and ``test_ood`` its value is drawn independently, so the
+  shortcut is right by chance only. The decoy lies elsewhere than the named object, so a map
+  of where to look can tell the two rules apart (as the decoy patch of decoy-MNIST does);
 * ``vlm_pretrain`` holds captions only: the pretrained VLMs know the visual words but have never
   answered a question, so the small ``sft`` set (hundreds of records) teaches the skill.
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lavender.toy.texts import Question, attribute_question, caption
+from lavender.toy.texts import attribute_question, caption
 from lavender.toy.world import (
     COLORS,
     HELD_OUT_PAIRS,
@@ -39,44 +40,78 @@ from lavender.toy.world import (
 
 OBJECTS = 4
 QUESTION_TYPES = ("color", "shape")
-# Splits whose question is about the big object (the shortcut holds); the others draw the big
-# object independently of the question. ``val`` chooses settings for the shifted test, so it is
-# drawn like ``test_ood`` (from its own seeds).
+# The attribute that names the object in a question about the other one.
+NAMING = {"color": "shape", "shape": "color"}
+VALUES = {"color": tuple(COLORS), "shape": SHAPES}
+# Splits in which the big decoy shares the answer (the shortcut holds); in the others its value
+# is drawn independently. ``val`` chooses settings for the shifted test, so it is drawn like
+# ``test_ood`` (from its own seeds).
 SHORTCUT_SPLITS = ("sft", "test_id")
 
 
-def sample_scene(rng: np.random.Generator, target_is_big: bool, size: int = 64) -> tuple[Scene, int]:
-    """Four objects (distinct shapes, distinct colours, one big) and the index of the asked-about one."""
+def sample_question_scene(rng: np.random.Generator, shortcut: bool, size: int = 64) -> tuple[Scene, int, str]:
+    """A scene for a question, the index of the object it asks about, and the attribute asked.
+
+    Four objects whose naming attribute (the shape for a colour question, the colour for a shape
+    question) differs: the target (small), a big decoy and two small others. With ``shortcut`` the
+    decoy has the target's answer; otherwise its value is uniform, so it agrees by chance only.
+    The others have two further values, so the image holds three or four plausible answers.
+    """
+    asked = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
+    naming, pool = NAMING[asked], VALUES[asked]
+    while True:
+        names = [VALUES[naming][i] for i in rng.permutation(len(VALUES[naming]))[:OBJECTS]]
+        answer = pool[rng.integers(len(pool))]
+        decoy = answer if shortcut else pool[rng.integers(len(pool))]
+        rest = [v for v in pool if v not in (answer, decoy)]
+        answers = [answer, decoy, *(rest[i] for i in rng.permutation(len(rest))[:2])]
+        attributes = [{naming: n, asked: a} for n, a in zip(names, answers)]
+        if not any((a["shape"], a["color"]) in HELD_OUT_PAIRS for a in attributes):
+            break
+    sizes = ["small", "big", "small", "small"]  # target, decoy, others
     for _ in range(100):
-        scene, target = _try_sample_scene(rng, target_is_big, size)
-        if scene is not None:
-            return scene, target
+        objects = _place_objects(rng, attributes, sizes, size)
+        if objects is not None:
+            order = rng.permutation(OBJECTS)
+            scene = Scene(size, sample_background(rng, SceneConfig(size=size)), tuple(objects[i] for i in order))
+            return scene, int(np.flatnonzero(order == 0)[0]), asked
     raise RuntimeError(f"could not place {OBJECTS} objects in a {size}×{size} image")
 
 
-def _try_sample_scene(rng: np.random.Generator, target_is_big: bool, size: int) -> tuple[Scene | None, int]:
-    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:OBJECTS]]
-    colors = _colors(rng, shapes)
-    target = int(rng.integers(OBJECTS))
-    big = target if target_is_big else int(rng.integers(OBJECTS))
-    scale = size / 64
-    # the big object is placed first: it is the hardest to fit
-    order = [big, *(i for i in range(OBJECTS) if i != big)]
-    placed: dict[int, Object] = {}
-    for index in order:
-        kind = "big" if index == big else "small"
-        r = float(rng.uniform(*RADII[kind])) * scale
-        centre = place(rng, r, list(placed.values()), size)
+def sample_caption_scene(rng: np.random.Generator, size: int = 64) -> Scene:
+    """A scene for ``vlm_pretrain``: four objects, all shapes and colours different, one big at random."""
+    for _ in range(100):
+        shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:OBJECTS]]
+        colors = _distinct_colors(rng, shapes)
+        # a draw the first version of this world made; kept so that vlm_pretrain, and the VLMs
+        # recorded in docs/toy.md, stay as they were
+        rng.integers(OBJECTS)
+        big = int(rng.integers(OBJECTS))
+        sizes = ["big" if i == big else "small" for i in range(OBJECTS)]
+        order = [big, *(i for i in range(OBJECTS) if i != big)]
+        attributes = [{"shape": shapes[i], "color": colors[i]} for i in order]
+        objects = _place_objects(rng, attributes, [sizes[i] for i in order], size)
+        if objects is not None:
+            placed = dict(zip(order, objects))
+            return Scene(size, sample_background(rng, SceneConfig(size=size)), tuple(placed[i] for i in range(OBJECTS)))
+    raise RuntimeError(f"could not place {OBJECTS} objects in a {size}×{size} image")
+
+
+def _place_objects(rng: np.random.Generator, attributes: list[dict], sizes: list[str], size: int) -> list[Object] | None:
+    """Objects with these attributes and sizes at free positions, in order (None if one does not fit)."""
+    objects: list[Object] = []
+    for attribute, kind in zip(attributes, sizes):
+        r = float(rng.uniform(*RADII[kind])) * size / 64
+        centre = place(rng, r, objects, size)
         if centre is None:
-            return None, target
+            return None
         jitter = rng.integers(-12, 13, size=3)
-        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[colors[index]]) + jitter, 0, 255))
-        placed[index] = Object(shapes[index], colors[index], kind, centre[0], centre[1], round(r, 3), rgb)
-    background = sample_background(rng, SceneConfig(size=size))
-    return Scene(size, background, tuple(placed[i] for i in range(OBJECTS))), target
+        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[attribute["color"]]) + jitter, 0, 255))
+        objects.append(Object(attribute["shape"], attribute["color"], kind, centre[0], centre[1], round(r, 3), rgb))
+    return objects
 
 
-def _colors(rng: np.random.Generator, shapes: list[str]) -> list[str]:
+def _distinct_colors(rng: np.random.Generator, shapes: list[str]) -> list[str]:
     """Distinct colours for ``shapes``, never one of the first world's held-out pairs."""
     names = list(COLORS)
     while True:
@@ -85,25 +120,20 @@ def _colors(rng: np.random.Generator, shapes: list[str]) -> list[str]:
             return colors
 
 
-def make_question(scene: Scene, target: int, rng: np.random.Generator) -> Question:
-    """A "What color is the SHAPE?" or "What shape is the COLOR object?" question about ``target``."""
-    attribute = QUESTION_TYPES[rng.integers(len(QUESTION_TYPES))]
-    question = attribute_question(scene, rng, {target}, attribute)
-    # shapes and colours are distinct, so one word always names the target
-    assert question is not None
-    return question
-
-
 def make_record(seed: int, split, index: int, image_size: int = 64) -> tuple[dict, np.ndarray, list[np.ndarray]]:
     """One record of ``split`` (a :class:`lavender.toy.splits.Split`), its pixels and object masks."""
     from lavender.toy.splits import CAPTION_QUESTION, scene_rng
 
     rng = scene_rng(seed, split, index)
-    scene, target = sample_scene(rng, target_is_big=split.name in SHORTCUT_SPLITS, size=image_size)
+    if split.questions:
+        scene, target, asked = sample_question_scene(rng, shortcut=split.name in SHORTCUT_SPLITS, size=image_size)
+    else:
+        scene = sample_caption_scene(rng, size=image_size)
     pixels, masks = render(scene)
     record = {"id": f"{split.name}-{index:06d}", "split": split.name, "caption": caption(scene)}
     if split.questions:
-        question = make_question(scene, target, rng)
+        question = attribute_question(scene, rng, {target}, asked)
+        assert question is not None, "the naming attribute is unique in every question scene"
         record |= {
             "question": question.text,
             "answer": question.answer,
