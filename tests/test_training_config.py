@@ -52,6 +52,14 @@ def test_yaml_file_and_command_line_overrides(paths, tmp_path):
     assert config.lavender.use_peft is True
 
 
+def test_yaml_words_no_and_off_stay_words_for_strategy_keys(paths, tmp_path):
+    # YAML 1.1 reads `no` as false; TrainingArguments' strategies take the word "no"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(paths) + "eval_strategy: no\n")
+    config = load_config(tmp_path / "c.yaml", parse_overrides(["--save_strategy", "no", "--bf16", "no"]))
+    assert config.training.save_strategy == "no" and config.training.eval_strategy == "no"
+    assert config.training.bf16 is False
+
+
 @pytest.mark.parametrize("key, suggestion", [("learning_rat", "learning_rate"), ("att_wieght", "att_weight"), ("lora_rank", "lora_r")])
 def test_unknown_key_names_the_closest(paths, key, suggestion):
     with pytest.raises(ConfigError, match=rf"{key} \(did you mean .*{suggestion}"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import re
 import types
 import typing
@@ -143,6 +144,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """
     members = _members(annotation)
     kinds = {typing.get_origin(m) or m for m in members}
+    if isinstance(value, bool) and bool not in kinds:
+        # YAML 1.1 reads the bare words no/off and yes/on as booleans: `save_strategy: no` means "no"
+        word = "yes" if value else "no"
+        if any(isinstance(m, type) and issubclass(m, enum.Enum) and word in {e.value for e in m} for m in members):
+            return word
     if annotation is None or typing.Literal in kinds or not kinds <= set(_SCALARS):
         return value  # choices are checked by name later; TrainingArguments checks its enums itself
     if value is None:
