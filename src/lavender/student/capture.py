@@ -39,6 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
+from lavender.student.adapters.base import place_on_layouts
 
 ATTENTION_NAME = "lavender"
 
@@ -173,8 +174,10 @@ class AttentionCapture:
         recording = self._checked_recording()
         weights = word_weights(word_rows, recording.query_positions.shape[1])  # (B, W, Q)
 
+        layouts = self.adapter.layouts(inputs, image_sizes, image)  # once: every layer and chunk shares them
+
         def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
-            return self.adapter.place(word_probs[:, None], inputs, size, image_sizes, image)[:, 0]
+            return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
 
         index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
         maps = []

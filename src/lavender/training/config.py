@@ -41,20 +41,20 @@ _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 TRAINING_DEFAULTS: dict[str, Any] = {
     "learning_rate": 1e-4,
     "weight_decay": 0.0,
-    # AdamW as one fused kernel per step (CPU and GPU, torch ≥ 2.4): the same update, and on a small
-    # model the per-parameter loop of the plain one costs a fifth of a step's compute (BENCHMARKS.md)
-    "optim": "adamw_torch_fused",
     "logging_steps": 10,
     "save_steps": 500,
     "report_to": "none",
     # the collator's extra keys (targets, word rows) must reach compute_loss
     "remove_unused_columns": False,
 }
-# Non-reentrant checkpointing keeps the captured maps attached to the graph. transformers 5.2x
-# renamed the key (`gradient_checkpointing_kwargs` stays a deprecated alias there): use the
-# name the installed version knows.
+# Non-reentrant checkpointing keeps the captured maps attached to the graph.
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
-CHECKPOINTING_KWARGS_KEYS = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+# transformers 5.2x renamed the checkpointing keys (the old names stay deprecated aliases there);
+# the versions before know the old names only. Either spelling works on both: new → old.
+RENAMED_TRAINING_KEYS = {
+    "activation_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
 
 
 class ConfigError(LavenderError, ValueError):
@@ -247,6 +247,10 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
     training_types = _field_types(training_cls)
     training_names = set(training_types)
 
+    keys = {
+        (RENAMED_TRAINING_KEYS[k] if k in RENAMED_TRAINING_KEYS and k not in training_names else k): v
+        for k, v in keys.items()
+    }
     unknown = sorted(set(keys) - set(lavender_types) - training_names)
     if unknown:
         valid = sorted(set(lavender_types) | training_names)
@@ -259,9 +263,9 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
 
     lavender_keys = {k: _coerce(k, v, lavender_types[k]) for k, v in keys.items() if k in lavender_types}
     training_keys = {**TRAINING_DEFAULTS}
-    if not any(key in keys for key in CHECKPOINTING_KWARGS_KEYS):
-        known = next(key for key in CHECKPOINTING_KWARGS_KEYS if key in training_names)
-        training_keys[known] = dict(CHECKPOINTING_KWARGS)
+    kwargs_names = ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs")
+    if not any(name in keys for name in kwargs_names):
+        training_keys[next(name for name in kwargs_names if name in training_names)] = dict(CHECKPOINTING_KWARGS)
     training_keys.update({k: _coerce(k, v, training_types.get(k)) for k, v in keys.items() if k in training_names})
     _check_training(training_keys)
 

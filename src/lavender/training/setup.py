@@ -99,7 +99,7 @@ def build_trainer(config: TrainConfig):
     try:
         capture = AttentionCapture(model, layers=args.att_layers, processor=processor)
     except ValueError as error:
-        raise ConfigError(f"att_layers: {error}") from None
+        raise ConfigError(str(error)) from None  # the model type, the layers or the processor: the message says which
 
     text_config = model.config.get_text_config()
     parallel_layers = None
@@ -111,7 +111,8 @@ def build_trainer(config: TrainConfig):
             )
         parallel_layers = capture.layers
     # the VLM's maps are normalised as the teacher's were, unless the config says otherwise
-    normalization = args.att_normalization or store.metadata.get("settings", {}).get("normalize", "minmax")
+    target_normalization = store.metadata.get("settings", {}).get("normalize", "minmax")
+    normalization = args.att_normalization or target_normalization
     head = AlignmentHead(
         text_config.num_attention_heads,
         args.aggregation,
@@ -156,6 +157,7 @@ def build_trainer(config: TrainConfig):
         capture=capture,
         head=head,
         resolution=store.resolution,
+        target_normalization=target_normalization,
         image_token_id=image_token,
         att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, args.att_weight_decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,

@@ -100,6 +100,7 @@ class LavenderTrainer(Trainer):
         capture,
         head: AlignmentHead,
         resolution: int,
+        target_normalization: str,
         image_token_id: int,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
@@ -111,6 +112,7 @@ class LavenderTrainer(Trainer):
         self.capture = capture
         self.head = head
         self.resolution = resolution
+        self.target_normalization = target_normalization  # the store's: a cropped target is renormalised as it was made
         self.image_token_id = image_token_id
         self.att_weight = att_weight
         self.aligner_warmup_steps = aligner_warmup_steps
@@ -216,7 +218,9 @@ class LavenderTrainer(Trainer):
         visible = self.capture.visibility(model_inputs, self.resolution, request.image_sizes).to(maps.device)
         predicted = self.head(maps, word_mask, detach_maps=request.detach_maps, visible=visible)
         visible = per_word_visibility(visible, word_mask)
-        targets = restrict_to_visible(request.targets[word_mask].to(predicted.dtype), visible, self.head.normalization)
+        targets = restrict_to_visible(
+            request.targets[word_mask].to(predicted.dtype), visible, self.target_normalization
+        )
         per_word = attention_loss(predicted, targets, visible)
         # the zero term keeps the head in the graph when no word matched, so every process
         # reduces the head's gradients on every step

@@ -63,8 +63,11 @@ class Adapter:
         return layers[n // 4 : max(n // 4 + 1, (3 * n + 3) // 4)]
 
     def query_mask(self, inputs: dict, positions: torch.Tensor, image: int = 0) -> torch.Tensor:
-        """(B, Q) bool: rows that exist and can see the sample's image number ``image``."""
-        raise NotImplementedError
+        """(B, Q) bool: rows that exist and can see the sample's image number ``image``.
+
+        Image tokens in a causal sequence (every self-attention family): a row sees the image
+        from the row after its last token on; cross-attention families override this."""
+        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs: dict, image_sizes: ImageSizes | None, image: int = 0) -> list[Layout | None]:
         """Per sample, the :class:`Layout` of its image number ``image`` (None: it has no such
@@ -91,13 +94,7 @@ class Adapter:
     ) -> torch.Tensor:
         """(B, …, S) probabilities → (B, …, size, size) maps over the whole original image
         (given ``image_sizes``; else over the model's own grid). Cells the model cannot see are 0."""
-        placed = []
-        for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image)):
-            if layout is None:
-                placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
-            else:
-                placed.append(place_grid(sample[..., layout.keys], layout.view, size))
-        return torch.stack(placed)
+        return place_on_layouts(probs, self.layouts(inputs, image_sizes, image), size)
 
     def visibility(
         self, inputs: dict, size: int, image_sizes: ImageSizes | None = None, image: int = 0
@@ -118,6 +115,17 @@ class Adapter:
                 "AttentionCapture(model, processor=processor)"
             )
         return self.image_processor
+
+
+def place_on_layouts(probs: torch.Tensor, layouts: list[Layout | None], size: int) -> torch.Tensor:
+    """:meth:`Adapter.place` with the samples' layouts already found (they cost a device sync)."""
+    placed = []
+    for sample, layout in zip(probs, layouts):
+        if layout is None:
+            placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
+        else:
+            placed.append(place_grid(sample[..., layout.keys], layout.view, size))
+    return torch.stack(placed)
 
 
 def image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:

@@ -31,7 +31,6 @@ from lavender.student.adapters.base import (
     image_columns,
     image_runs,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW
 
@@ -56,9 +55,6 @@ class Gemma3Adapter(Adapter):
         full = [layer for layer in layers if types[layer] == "full_attention"]
         middle = [layer for layer in super().default_layers(layers) if layer in full]
         return middle or full or layers
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         per_image = self.config.mm_tokens_per_image

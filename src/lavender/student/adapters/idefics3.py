@@ -31,7 +31,6 @@ from lavender.student.adapters.base import (
     image_columns,
     image_runs,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW
 
@@ -42,9 +41,6 @@ _SAME_ROW_GAP = 2  # <fake_token_around_image><row_i_col_j> between two tiles of
 class Idefics3Adapter(Adapter):
     model_types = ("idefics3",)
     image_inputs_hint = "pixel_values and pixel_attention_mask"
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         vision = self.config.vision_config

@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from lavender.student.adapters.base import (
     Adapter,
     Layout,
     image_columns,
     image_runs,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW
 
@@ -36,9 +33,6 @@ from lavender.student.geometry import FULL_VIEW
 @register_adapter
 class InternVLAdapter(Adapter):
     model_types = ("internvl",)
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         per_tile = self.config.image_seq_length

@@ -19,7 +19,6 @@ from lavender.student.adapters.base import (
     Layout,
     image_columns,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW, View
 
@@ -27,9 +26,6 @@ from lavender.student.geometry import FULL_VIEW, View
 @register_adapter
 class LlavaAdapter(Adapter):
     model_types = ("llava",)
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         vision = self.config.vision_config

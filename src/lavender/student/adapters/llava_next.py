@@ -36,7 +36,6 @@ from lavender.student.adapters.base import (
     Layout,
     image_columns,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW, View
 
@@ -45,9 +44,6 @@ from lavender.student.geometry import FULL_VIEW, View
 class LlavaNextAdapter(Adapter):
     model_types = ("llava_next",)
     image_inputs_hint = "pixel_values and image_sizes"
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         sizes = inputs["image_sizes"].tolist()  # (height, width) of every image of the batch, in order

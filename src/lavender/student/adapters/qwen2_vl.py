@@ -26,7 +26,6 @@ from lavender.student.adapters.base import (
     image_columns,
     image_runs,
     register_adapter,
-    rows_after_layouts,
 )
 from lavender.student.geometry import FULL_VIEW
 
@@ -35,9 +34,6 @@ from lavender.student.geometry import FULL_VIEW
 class Qwen2VLAdapter(Adapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     image_inputs_hint = "pixel_values and image_grid_thw"
-
-    def query_mask(self, inputs, positions, image=0):
-        return rows_after_layouts(inputs, positions, self.layouts(inputs, None, image))
 
     def layouts(self, inputs, image_sizes, image=0):
         merge = self.config.vision_config.spatial_merge_size
