@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lavender.toy.texts import attribute_question, caption
+from lavender.toy.texts import attribute_question
 from lavender.toy.world import (
     COLORS,
     HELD_OUT_PAIRS,
@@ -122,7 +122,7 @@ def _distinct_colors(rng: np.random.Generator, shapes: list[str]) -> list[str]:
 
 def make_record(seed: int, split, index: int, image_size: int = 64) -> tuple[dict, np.ndarray, list[np.ndarray]]:
     """One record of ``split`` (a :class:`lavender.toy.splits.Split`), its pixels and object masks."""
-    from lavender.toy.splits import CAPTION_QUESTION, scene_rng
+    from lavender.toy.splits import scene_record, scene_rng
 
     rng = scene_rng(seed, split, index)
     if split.questions:
@@ -130,18 +130,9 @@ def make_record(seed: int, split, index: int, image_size: int = 64) -> tuple[dic
     else:
         scene = sample_caption_scene(rng, size=image_size)
     pixels, masks = render(scene)
-    record = {"id": f"{split.name}-{index:06d}", "split": split.name, "caption": caption(scene)}
+    question = None
     if split.questions:
         question = attribute_question(scene, rng, {target}, asked)
         assert question is not None, "the naming attribute is unique in every question scene"
-        record |= {
-            "question": question.text,
-            "answer": question.answer,
-            "question_type": question.question_type,
-            "referents": {word: sorted(objects) for word, objects in question.referents.items()},
-        }
-    else:
-        record |= {"question": CAPTION_QUESTION, "answer": record["caption"], "question_type": "caption"}
-    record["scene"] = scene.to_dict()
-    return record, pixels, masks
+    return scene_record(split, index, scene, question), pixels, masks
 

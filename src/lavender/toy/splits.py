@@ -64,9 +64,15 @@ def make_record(seed: int, split: Split, index: int, image_size: int = 64) -> tu
     config = split.scene_config(image_size)
     scene = sample_scene(rng, config)
     pixels, masks = render(scene)
+    question = make_question(scene, rng, config) if split.questions else None
+    return scene_record(split, index, scene, question), pixels, masks
+
+
+def scene_record(split: Split, index: int, scene, question) -> dict:
+    """A record's fields (without file paths): the scene's caption, and the question about it, or
+    the caption task itself for a split without questions (``question`` None)."""
     record = {"id": f"{split.name}-{index:06d}", "split": split.name, "caption": caption(scene)}
-    if split.questions:
-        question = make_question(scene, rng, config)
+    if question is not None:
         record |= {
             "question": question.text,
             "answer": question.answer,
@@ -76,7 +82,7 @@ def make_record(seed: int, split: Split, index: int, image_size: int = 64) -> tu
     else:
         record |= {"question": CAPTION_QUESTION, "answer": record["caption"], "question_type": "caption"}
     record["scene"] = scene.to_dict()
-    return record, pixels, masks
+    return record
 
 
 @dataclass(frozen=True)
