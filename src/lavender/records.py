@@ -104,11 +104,8 @@ class Record:
         return next((t.text for t in self.turns if t.role == "assistant"), "")
 
     def text(self, side: Side) -> str:
-        if side == "question":
-            return self.question
-        if side == "answer":
-            return self.answer
-        raise ValueError(f"text side must be 'question' or 'answer', got {side!r}")
+        """The first question's or answer's text (``side``)."""
+        return Exchange(self.question, self.answer).text(side)
 
     def exchanges(self) -> list[Exchange]:
         """The conversation as question–answer exchanges (see :func:`exchange_of_turns`)."""
