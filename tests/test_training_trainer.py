@@ -285,6 +285,30 @@ def test_cells_the_vlm_cannot_see_are_left_out_of_the_alignment_loss(world, llav
     trainer.capture.close()
 
 
+def test_a_cropped_target_is_renormalised_as_the_store_made_it_not_as_the_vlm_maps_are(world, llava):
+    # min–max store, `sum` for the VLM's maps: the seen part of a cropped target must be min–max
+    # again (max 1, min 0 over the seen cells), not a distribution summing to 1
+    trainer = build_trainer(build_config(_keys(world, llava, "renormalise", att_normalization="sum")))
+    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
+    # random maps: min–max and sum normalisations of them differ (the fixture's one-hot maps do not)
+    torch.manual_seed(0)
+    batch["lavender_targets"] = torch.rand_like(batch["lavender_targets"])
+    stored = batch["lavender_targets"].clone()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    aligned = trainer._aligned
+    targets = stored[aligned.word_mask].double()
+    seen = aligned.visible
+    assert not seen.all()  # the 90×60 images are centre-cropped: a real crop
+    low = targets.masked_fill(~seen, float("inf")).flatten(1).amin(1)[:, None, None]
+    high = targets.masked_fill(~seen, float("-inf")).flatten(1).amax(1)[:, None, None]
+    expected = torch.where(seen, (targets - low) / (high - low + 1e-6), 0.0)  # min–max, the authors' eps
+    squared = (aligned.predicted.double() - expected).pow(2) * seen
+    per_word = squared.flatten(1).sum(1) / seen.flatten(1).sum(1)
+    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-6)
+    trainer.capture.close()
+
+
 def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
     """`lavender tiny qwen2_vl` then `lavender train`: the processor loads through transformers'
     own Qwen2VLProcessor class (without torchvision: without its video processor)."""
