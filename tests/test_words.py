@@ -124,7 +124,10 @@ def test_clip_truncation_at_77_is_reported(word_list):
             assert group  # fully covered → has its tokens
         elif word.start >= covered:
             assert not group  # past the cut → none (the teacher lists it as missing)
-    assert full == (covered == len(text))
+    if full:
+        assert covered == len(text)
+    # not full does not imply covered < len(text): a character that CLIP spells in several byte
+    # tokens (猫, 🙂) shares one offset span, so a cut inside it still reports the whole span
 
 
 def test_unicode_case_and_punctuation_cases():
