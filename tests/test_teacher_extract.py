@@ -166,6 +166,23 @@ def test_long_text_is_truncated_and_the_cut_words_are_reported():
     assert all(side == "answer" and text[start:end] == word for word, side, start, end in result.missing)
 
 
+def test_a_character_cut_between_its_byte_tokens_counts_as_cut():
+    # CLIP spells 猫 in several byte tokens sharing one character span: a cut between them leaves
+    # tokens that still span the whole character, so the word must be found cut another way
+    teacher = Teacher(tiny_sd(), ExtractionSettings(timesteps=(300,)))
+    tokenizer = teacher.tokenizer
+    pieces = len(tokenizer("猫", add_special_tokens=False)["input_ids"])
+    assert pieces > 1
+    kept = teacher.context_length - tokenizer.num_special_tokens_to_add()
+    filler = len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    text = " ".join(["x"] * ((kept - 1) // filler)) + " 猫"  # the cut falls after 猫's first byte token
+    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert len(spans) > kept and spans[kept][0] < spans[kept - 1][1]  # the cut is inside 猫
+    [result] = teacher.word_maps([random_image(0)], [{"answer": text}], [0])
+    assert "猫" in {m[0] for m in result.missing} and "猫" not in {w.key for w in result.words}
+    assert "x" in {w.key for w in result.words}
+
+
 def test_both_sides_in_one_prompt_with_spans_per_side():
     teacher = Teacher(tiny_sd(), ExtractionSettings(text="both", timesteps=(300,)))
     question, answer = "What colour is the ring?", "The ring is yellow."

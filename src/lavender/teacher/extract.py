@@ -443,7 +443,23 @@ class Teacher:
                 for (start, _), (_, spans) in zip(chunks, encoded)
                 for a, b in spans
             ])
+            if self.settings.long_text == "truncate":
+                self._drop_cut_character(chunks[0][1], offsets[-1])
         return states, offsets
+
+    def _drop_cut_character(self, text: str, offsets: list[tuple[int, int]]) -> None:
+        """Truncation can fall *inside* a character that CLIP spells in several byte tokens (猫,
+        🙂): the kept tokens then still span the whole character, and its word would look whole.
+        Their spans are blanked, so the word counts as cut (missing), as a word cut between
+        characters does."""
+        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
+        kept = self.context_length - self.tokenizer.num_special_tokens_to_add()
+        if len(spans) <= kept or spans[kept][0] >= spans[kept - 1][1]:
+            return  # nothing cut, or cut between characters
+        cut = spans[kept - 1]
+        for i, span in enumerate(offsets):
+            if span[1] > cut[0] and span[0] < cut[1]:
+                offsets[i] = (0, 0)
 
     def _chunks(self, text: str) -> list[tuple[int, str]]:
         """``text`` cut into pieces that each fit the context with the tokenizer's special
