@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lavender.alignment import normalize_maps, per_word_visibility, restrict_to_visible, visible_word_rows, word_maps
+from lavender.alignment import normalize_maps, per_word_visibility, restrict_to_visible, visible_word_rows
 from lavender.images import ImageError
 from lavender.records import Record
 from lavender.student import AttentionCapture
@@ -314,11 +314,11 @@ def vlm_word_maps(model, capture, collator, samples, size: int, head=None) -> li
     with capture.record(query_positions.to(model.device)):
         model(**inputs)
     image_sizes = [(sample.image.height, sample.image.width) for sample in samples]
-    maps = capture.maps(inputs, size=size, image_sizes=image_sizes).float().cpu()  # (B, L, H, Q, R, R)
     visible = capture.visibility(inputs, size, image_sizes)  # (B, R, R): cells the VLM sees
-    word_rows, word_mask = visible_word_rows(capture.query_mask.cpu(), word_rows, word_mask)
-
-    per_word = word_maps(maps, word_rows)  # (B, W, L, H, R, R)
+    query_mask = capture.adapter.query_mask(inputs, query_positions).cpu()
+    word_rows, word_mask = visible_word_rows(query_mask & (query_positions >= 0), word_rows, word_mask)
+    # as in training: each word's rows averaged before placement
+    per_word = capture.word_maps(inputs, word_rows, size, image_sizes).float().cpu()  # (B, W, L, H, R, R)
     mean_maps = per_word.mean(dim=(2, 3))[word_mask]
     kinds = {"raw": normalize_maps(mean_maps, "minmax", per_word_visibility(visible, word_mask))}
     if head is not None:

@@ -70,6 +70,12 @@ MLLAMA_CHAT_TEMPLATE = chat_template(
 )
 
 
+def _llava_tokenizer():
+    """LLaVA-1.5's special tokens (and LLaVA-NeXT's: the same vocabulary)."""
+    return _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
+                      unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
 def _tokenizer(special_tokens: list[str], bos: str, eos: str, pad: str, **extra):
     """A byte-level BPE tokenizer trained on a few sentences; the special tokens come first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -102,8 +108,7 @@ def build_tiny_llava(seed: int = 0) -> tuple[PreTrainedModel, object]:
         LlavaProcessor,
     )
 
-    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
-                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = _llava_tokenizer()
     template = chat_template("<image>\n", "ROLE_UPPER: ", " ", bos="{{ bos_token }}")
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": 84}, crop_size={"height": 84, "width": 84}
@@ -281,8 +286,7 @@ def build_tiny_llava_next(seed: int = 0) -> tuple[PreTrainedModel, object]:
         LlavaNextProcessor,
     )
 
-    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<s>", "</s>", "<pad>",
-                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = _llava_tokenizer()
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42}, image_grid_pinpoints=_ANYRES_PINPOINTS
     )

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lavender.files import write_atomic
 from lavender.toy.texts import caption, make_question, vocabulary
 from lavender.toy.world import HELD_OUT_PAIRS, OOD_BACKGROUNDS, OOD_SCALE, SceneConfig, render, sample_scene
 
@@ -144,7 +145,7 @@ def write_split(output: Path, seed: int, split: Split, world: World, image_size:
             record["masks"][word] = (mask_dir / name).relative_to(output).as_posix()
         lines.append(json.dumps(_ordered(record)))
     path = output / f"{split.name}.jsonl"
-    _write_atomically(path, "\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -152,12 +153,6 @@ def _ordered(record: dict) -> dict:
     """The reader's fields first, so a line reads well."""
     first = ("id", "image", "question", "answer", "question_type", "split", "caption", "masks")
     return {key: record[key] for key in first if key in record} | {k: v for k, v in record.items() if k not in first}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    from lavender.files import write_atomic
-
-    write_atomic(path, text)
 
 
 def write_world(
@@ -210,5 +205,5 @@ def write_world(
             "held_out_pairs": sorted(HELD_OUT_PAIRS),
             "vocabulary": vocabulary(),
         }
-        _write_atomically(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return json.loads(manifest_path.read_text())
