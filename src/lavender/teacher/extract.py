@@ -507,7 +507,10 @@ class Teacher:
         k = len(self.settings.timesteps)
         maps: list[torch.Tensor] = [torch.empty(0)] * len(images)
         for (size, _), members in groups.items():
-            latents = self.encode_images([images[i] for i in members], size)
+            # the exchanges of one conversation share its image object: encode each image once
+            slots = {id(images[i]): images[i] for i in members}
+            slot_of = {key: n for n, key in enumerate(slots)}
+            latents = self.encode_images(list(slots.values()), size)[[slot_of[id(images[i])] for i in members]]
             noisy, timesteps = self.noised(latents, [seeds[i] for i in members])
             self.accumulator.reset(*noisy.shape[-2:], self.factor)
             hidden = torch.stack([states[i] for i in members]).repeat_interleave(k, dim=0)
