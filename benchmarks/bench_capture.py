@@ -156,7 +156,11 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, pr
         predicted = head(maps, word_mask)
         return 10 * attention_loss(predicted, targets[word_mask[0]]).mean()
 
+    peaks = {"forward": [], "step": []}  # CUDA, per step: up to the loss (before backward), and in all
+
     def step():
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         if mode == "plain":
             loss = model(**inputs).loss
         elif mode in ("lavender", "rows"):
@@ -172,8 +176,12 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, pr
             rows = torch.stack([outputs.attentions[layer][:, :, positions[0]] for layer in layers], dim=1)
             maps = word_maps(adapter.place(rows.float(), inputs, 32), word_rows)
             loss = outputs.loss + attention_loss_of(maps)
+        if device == "cuda":
+            peaks["forward"].append(torch.cuda.max_memory_allocated() / 2**20)
         loss.backward()
         model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            peaks["step"].append(torch.cuda.max_memory_allocated() / 2**20)
 
     def sync():
         if device == "cuda":
@@ -185,9 +193,9 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, pr
     if device == "cpu":
         torch.set_num_threads(1)
     step()  # warm-up
-    # the peak of the timed steps, not of building the model
+    # the peak of the timed steps, not of building the model (CUDA: reset by each step)
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        del peaks["forward"][:], peaks["step"][:]
     else:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
     times = []
@@ -201,18 +209,24 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, pr
         from torch.profiler import ProfilerActivity
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
             step()
             sync()
         order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        print(profiler.key_averages().table(sort_by=order, row_limit=25), file=sys.stderr)
+        averages = profiler.key_averages()
+        print(averages.table(sort_by=order, row_limit=30), file=sys.stderr)
+        memory = "self_cuda_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
+        print(averages.table(sort_by=memory, row_limit=15), file=sys.stderr)
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
+        peak = max(peaks["step"][:steps])  # the timed steps', not the profiled one's
     else:
         status = Path("/proc/self/status").read_text()
         peak = int(status.split("VmHWM:")[1].split()[0]) / 1024  # KiB
     # best of N: on a shared machine other work only ever adds time
-    return {"mode": mode, "step_s": min(times), "peak_mib": peak}
+    result = {"mode": mode, "step_s": min(times), "peak_mib": peak}
+    if peaks["forward"]:
+        result["forward_peak_mib"] = max(peaks["forward"][:steps])
+    return result
 
 
 def main() -> None:
@@ -241,7 +255,8 @@ def main() -> None:
         return
 
     print(f"device {args.device}, {args.steps} timed steps, LoRA {'on' if args.lora else 'off'}")
-    print(f"{'model':14s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'mem ×plain':>10s}")
+    print(f"{'model':14s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'mem ×plain':>10s}"
+          f" {'fwd peak MiB':>12s}")
     for model_name in args.models:
         results = {}
         for mode in args.modes:
@@ -257,7 +272,8 @@ def main() -> None:
             time_ratio = result["step_s"] / plain["step_s"] if plain else float("nan")
             memory_ratio = result["peak_mib"] / plain["peak_mib"] if plain else float("nan")
             print(f"{model_name:14s} {mode:9s} {result['step_s']:8.3f} {result['peak_mib']:9.0f} "
-                  f"{time_ratio:11.2f} {memory_ratio:10.2f}", flush=True)
+                  f"{time_ratio:11.2f} {memory_ratio:10.2f} {result.get('forward_peak_mib', float('nan')):12.0f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh        # from the repository root
 #
-# Carried wheels (.whl/*.whl: diffusers and what it lacks there) are installed into /tmp/site first.
+# Carried wheels (.whl/*.whl: transformers at the version pyproject pins, diffusers and what it
+# lacks there) are installed into /tmp/site first.
 # Every step runs under its own `timeout` and the script goes on after a failing one; each step's
 # output goes to $OUT/<step>.log, one line per step (status, seconds) to $OUT/summary.txt.
 # Without CUDA (a dry run on a CPU machine) the benchmarks are skipped and the tests skip themselves.
@@ -73,9 +74,11 @@ CUDA=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev
 # 3. the CUDA tests (they skip themselves without a GPU)
 step tests 100 "$PYTHON" -m pytest -p no:cacheprovider -m cuda -v -s -rs tests/test_cuda.py
 
-# 4. capture: plain SFT vs capture (per word, per row) vs eager at Llama-3.2-11B-Vision shapes, bf16, LoRA
+# 4. capture: plain SFT vs capture vs eager at Llama-3.2-11B-Vision shapes, bf16, LoRA; then where
+#    the capture's step time and memory go (torch.profiler tables of one step)
 if [ "$CUDA" = 1 ]; then
-    step capture 180 "$PYTHON" benchmarks/bench_capture.py --mllama-11b --steps 2
+    step capture 150 "$PYTHON" benchmarks/bench_capture.py --mllama-11b --steps 3 --modes plain lavender eager
+    step profile 90 "$PYTHON" benchmarks/bench_capture.py --mllama-11b --steps 1 --profile lavender
 else
     skip capture "no CUDA"
 fi
