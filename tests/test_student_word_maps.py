@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from lavender.alignment import word_maps
+from lavender.alignment.head import word_weights
 from lavender.student import AttentionCapture, get_adapter
 from lavender.student import capture as capture_module
 from lavender.tiny.vlm import build_tiny_vlm
@@ -93,3 +94,41 @@ def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, c
     assert any(grad.abs().sum() > 0 for grad in expected.values())
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("masking", ["causal", "bool", "additive", "per-head"])
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1 byte: one key head per chunk
+def test_word_sums_and_their_hand_written_backward_in_float64(masking, chunk_bytes, monkeypatch):
+    """The word function against a plain float64 softmax of the whole matrix (value), and its
+    hand-written backward against finite differences of its forward (``gradcheck``), for each
+    kind of mask, grouped-query heads, a word without rows and a row shared by two words."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(capture_module, "CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 6, 3
+    keys = length if masking == "causal" else 5
+    query = torch.randn(batch, heads, 4, dim, dtype=torch.float64, generator=generator, requires_grad=True)
+    key = torch.randn(batch, kv_heads, keys, dim, dtype=torch.float64, generator=generator, requires_grad=True)
+    rows = torch.tensor([[1, 2, 4, 5], [0, 3, 4, 5]])  # the captured rows' sequence positions
+    mask = None
+    if masking in ("bool", "per-head"):
+        mask = torch.rand(batch, heads if masking == "per-head" else 1, length, keys, generator=generator) > 0.4
+        mask[..., 0] = True  # every row sees a key
+    elif masking == "additive":
+        mask = torch.randn(batch, 1, length, keys, dtype=torch.float64, generator=generator)
+    weights = word_weights(WORD_ROWS, 4, torch.float64)
+    index = capture_module._WordIndex.of(weights)
+
+    def word_sums(query, key):
+        return capture_module._WordMaps.apply(query, key, mask, rows, index, 0.7, masking == "causal")
+
+    logits = query @ key.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2) * 0.7
+    if masking == "causal":
+        logits = logits.masked_fill(torch.arange(keys) > rows[:, None, :, None], float("-inf"))
+    elif mask is not None:
+        picked = mask.expand(batch, heads, -1, -1)[torch.arange(batch)[:, None], :, rows].transpose(1, 2)
+        logits = logits.masked_fill(~picked, float("-inf")) if mask.dtype == torch.bool else logits + picked
+    expected = torch.einsum("bwq,bhqs->bhws", weights, logits.softmax(-1))
+
+    torch.testing.assert_close(word_sums(query, key), expected, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(word_sums, (query, key))

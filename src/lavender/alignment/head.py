@@ -121,7 +121,10 @@ class AlignmentHead(nn.Module):
             raise ValueError(
                 f"the head was built for {self.heads} heads; the captured maps have {word_maps.shape[3]}"
             )
-        per_word = word_maps.float()[word_mask]
+        # index_select, not a boolean index: its backward is an index_add, where a boolean index's
+        # is a sorting index_put (BENCHMARKS.md, the capture at 11B on a GPU)
+        matched = word_mask.flatten().nonzero().squeeze(1).to(word_maps.device)
+        per_word = word_maps.float().flatten(0, 1).index_select(0, matched)
         if detach_maps:
             per_word = per_word.detach()
         if visible is not None:

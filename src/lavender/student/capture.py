@@ -13,11 +13,11 @@ O(rows × keys) instead of O(T × T).
 
 During the forward only the inputs of that softmax are kept (the captured query rows, and the
 key and mask tensors the layer already holds); probabilities are computed when asked for.
-``word_maps`` goes further for training: per layer it averages each word's rows and places them
-on the grid inside one autograd function that keeps nothing of size rows × keys for backward and
-recomputes the probabilities there, one layer at a time. So capture memory does not grow with
-rows × keys × layers, which at Llama-3.2-11B shapes (8 layers × 32 heads × 6404 keys) would be
-~210 MB per layer for 256 rows.
+``word_maps`` goes further for training: per layer, one autograd function with its backward
+written out computes each word's mean row over the keys, keeping nothing of size rows × keys for
+backward (it recomputes the probabilities there, a few heads at a time); the word means are then
+placed on the grid. So capture memory does not grow with rows × keys × layers, which at
+Llama-3.2-11B shapes (8 layers × 32 heads × 6404 keys) would be ~210 MB per layer for 256 rows.
 
 Gradient checkpointing (non-reentrant) re-runs a layer's forward during backward. The replay must
 perform the same operations as the original forward (torch checks the saved tensors), so it
@@ -174,17 +174,17 @@ class AttentionCapture:
         recording = self._checked_recording()
         weights = word_weights(word_rows, recording.query_positions.shape[1])  # (B, W, Q)
 
-        layouts = self.adapter.layouts(inputs, image_sizes, image)  # once: every layer and chunk shares them
-
-        def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
-            return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
-
-        index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
+        device = recording.logits[self.layers[0]].query.device
+        index = _WordIndex.of(weights.to(device))
+        # once: every layer shares them (finding them waits for the device)
+        layouts = [None if layout is None else layout.to(device)
+                   for layout in self.adapter.layouts(inputs, image_sizes, image)]
         maps = []
         for layer in self.layers:
             logits = recording.logits[layer]
-            maps.append(_WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
-                                        index, place, logits.scaling, logits.causal))
+            words = _WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows, index,
+                                    logits.scaling, logits.causal)  # (B, H, W, S)
+            maps.append(place_on_layouts(words, layouts, size))
         self._check_gradient(maps[0])
         self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
@@ -329,28 +329,31 @@ def _softmax_rows(
 ) -> torch.Tensor:
     """(B, H, Q, S) float32 softmax of the query rows ``q`` (B, H, Q, D) at sequence positions ``rows``."""
     with torch.autocast(q.device.type, enabled=False):  # float32 inside a mixed-precision forward too
-        return _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal)
+        return _masked_logits(q, key, attention_mask, rows, scaling, causal).softmax(dim=-1)
 
 
-def _softmax_rows_float32(q, key, attention_mask, rows, scaling, causal) -> torch.Tensor:
+def _masked_logits(q, key, attention_mask, rows, scaling, causal) -> torch.Tensor:
+    """(B, H, Q, S) ``q·kᵀ·scaling + mask`` in ``q``'s dtype (float32 from the capture) of the query
+    rows ``q`` (B, H, Q, D) at sequence positions ``rows`` (B, Q). Works in place on its own
+    product, so autograd can run through it."""
     batch, heads, n_rows, head_dim = q.shape
     kv_heads, kv_length = key.shape[1], key.shape[2]
     # Grouped-query attention without repeat_kv: fold the query heads of a group into the rows.
     q = q.reshape(batch, kv_heads, (heads // kv_heads) * n_rows, head_dim)
-    logits = (q @ key.float().transpose(-1, -2) * scaling).view(batch, heads, n_rows, kv_length)
+    logits = (q @ key.to(q.dtype).transpose(-1, -2)).view(batch, heads, n_rows, kv_length).mul_(scaling)
+    # finfo.min rather than -inf: a fully masked row gives a uniform row, never NaN.
     if causal:
         keys = torch.arange(kv_length, device=logits.device)
         visible = keys[None, None, None, :] <= rows[:, None, :, None]
-        logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
+        logits.masked_fill_(~visible, torch.finfo(logits.dtype).min)
     elif attention_mask is not None:
         mask = attention_mask.expand(batch, -1, -1, -1)
         mask = mask.gather(2, rows[:, None, :, None].expand(batch, mask.shape[1], n_rows, kv_length))
         if mask.dtype == torch.bool:
-            # finfo.min rather than -inf: a fully masked row gives a uniform row, never NaN.
-            logits = logits.masked_fill(~mask, torch.finfo(torch.float32).min)
+            logits.masked_fill_(~mask, torch.finfo(logits.dtype).min)
         else:
-            logits = logits + mask.float()
-    return logits.softmax(dim=-1)
+            logits.add_(mask)
+    return logits
 
 
 # Rows × keys float32 per chunk of heads that ``word_maps`` works on at once: its transient memory.
@@ -364,70 +367,113 @@ ACCELERATOR_CHUNK_BYTES = 512 * 2**20
 @dataclass(frozen=True)
 class _WordIndex:
     """Which captured rows add into which word, found once per step (``nonzero`` waits for the
-    device) and shared by every layer and chunk: pair p adds ``scale[p]`` × row ``row[p]`` of
-    sample ``sample[p]`` into output slot ``slot[p]`` (= sample × words + word)."""
+    device) and shared by every layer and chunk. Per sample, P pairs (padded with scale 0): pair
+    p adds ``scale[b, p]`` × captured row ``row[b, p]`` into word ``word[b, p]``."""
 
-    sample: torch.Tensor
-    row: torch.Tensor
-    scale: torch.Tensor
-    slot: torch.Tensor
-    batch: int
+    row: torch.Tensor  # (B, P) long
+    word: torch.Tensor  # (B, P) long
+    scale: torch.Tensor  # (B, P) float32
     words: int
 
     @classmethod
     def of(cls, weights: torch.Tensor) -> _WordIndex:  # weights (B, W, Q)
-        sample, word, row = weights.nonzero(as_tuple=True)
-        batch, words = weights.shape[:2]
-        return cls(sample, row, weights[sample, word, row], sample * words + word, batch, words)
+        batch, words, _ = weights.shape
+        sample, word, row = weights.nonzero(as_tuple=True)  # sample-major
+        counts = torch.bincount(sample, minlength=batch)
+        pairs = max(int(counts.max()), 1)
+        slot = torch.arange(len(sample), device=weights.device) - (counts.cumsum(0) - counts)[sample]
+        index = torch.zeros(batch, pairs, dtype=torch.long, device=weights.device)
+        scale = torch.zeros(batch, pairs, dtype=weights.dtype, device=weights.device)
+        return cls(
+            index.index_put((sample, slot), row),
+            index.index_put((sample, slot), word),
+            scale.index_put((sample, slot), weights[sample, word, row]),
+            words,
+        )
 
 
 class _WordMaps(torch.autograd.Function):
-    """One layer: softmax rows → each word's mean row → placed on the grid, (B, H, W, R, R).
+    """One layer: softmax rows → each word's weighted sum of its rows, (B, H, W, S).
 
-    Saves only its inputs for backward and recomputes the rest there (as a checkpoint does), one
-    layer at a time and a few heads at a time, so no rows × keys tensor outlives its chunk.
+    Forward and backward are written out, a few heads at a time, so that no rows × keys tensor
+    outlives its chunk: backward recomputes the probabilities from the saved query rows (as a
+    checkpoint would) and applies the softmax's gradient in place. Memory: two rows × keys
+    buffers per chunk, in forward and in backward.
     """
 
     @staticmethod
-    def forward(ctx, query, key, mask, rows, index, place, scaling, causal):
+    def forward(ctx, query, key, mask, rows, index, scaling, causal):
         ctx.save_for_backward(query, key, mask, rows)
-        ctx.index, ctx.place, ctx.scaling, ctx.causal = index, place, scaling, causal
-        return torch.cat(
-            [
-                _place_words(*_heads(query, key, mask, chunk), rows, index, place, scaling, causal)
-                for chunk in _head_chunks(query, key)
-            ],
-            dim=1,
-        )
+        ctx.index, ctx.scaling, ctx.causal = index, scaling, causal
+        out = []
+        for chunk in _head_chunks(query, key, index):
+            probs = _pair_probabilities(query, key, mask, rows, index, chunk, scaling, causal)
+            out.append(_add_into_words(probs.mul_(index.scale[:, None, :, None]), index))
+        return torch.cat(out, dim=1)
 
     @staticmethod
     def backward(ctx, grad):
         query, key, mask, rows = ctx.saved_tensors
+        index, scaling, causal = ctx.index, ctx.scaling, ctx.causal
         need_query, need_key = ctx.needs_input_grad[:2]
-        grad_query, grad_key = [], []
-        for chunk in _head_chunks(query, key):
-            q, k, m = _heads(query, key, mask, chunk)
-            q, k = q.detach().requires_grad_(need_query), k.detach().requires_grad_(need_key)
-            needs = [tensor for tensor in (q, k) if tensor.requires_grad]
-            if not needs:
-                break
-            with torch.enable_grad():
-                maps = _place_words(q, k, m, rows, ctx.index, ctx.place, ctx.scaling, ctx.causal)
-                grads = list(torch.autograd.grad(maps, needs, grad[:, _query_heads(query, key, chunk)]))
+        if not (need_query or need_key):
+            return (None,) * 7
+        pair_rows = index.row[:, None, :, None]
+        grad_query = torch.zeros_like(query) if need_query else None
+        grad_key = torch.zeros_like(key) if need_key else None
+        for chunk in _head_chunks(query, key, index):
+            heads = _query_heads(query, key, chunk)
+            probs = _pair_probabilities(query, key, mask, rows, index, chunk, scaling, causal)
+            # d loss / d probs: each pair's word gradient, times the pair's share in the word
+            d_probs = grad[:, heads].gather(2, index.word[:, None, :, None].expand_as(probs))
+            d_probs.mul_(index.scale[:, None, :, None])
+            # softmax backward in place: d_logits = p ⊙ (g − ⟨p, g⟩)
+            d_logits = d_probs.sub_(torch.einsum("bhps,bhps->bhp", probs, d_probs)[..., None]).mul_(probs)
+            del probs
+            batch, n_heads, pairs, keys = d_logits.shape
+            kv_heads = chunk.stop - chunk.start
+            d_logits = d_logits.view(batch, kv_heads, n_heads // kv_heads * pairs, keys)
             if need_query:
-                grad_query.append(grads.pop(0))
+                d_q = (d_logits @ key[:, chunk].to(d_logits.dtype)).mul_(scaling).view(batch, n_heads, pairs, -1)
+                grad_query[:, heads] = d_q.new_zeros(batch, n_heads, query.shape[2], d_q.shape[-1]).scatter_add_(
+                    2, pair_rows.expand_as(d_q), d_q
+                )
             if need_key:
-                grad_key.append(grads.pop(0))
-        grad_query = torch.cat(grad_query, dim=1) if grad_query else None
-        grad_key = torch.cat(grad_key, dim=1) if grad_key else None
-        return grad_query, grad_key, None, None, None, None, None, None
+                q = _pair_queries(query, index, heads).reshape(batch, kv_heads, -1, query.shape[-1])
+                grad_key[:, chunk] = (d_logits.transpose(-1, -2) @ q).mul_(scaling).to(key.dtype)
+        return grad_query, grad_key, None, None, None, None, None
 
 
-def _head_chunks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
+def _pair_queries(query: torch.Tensor, index: _WordIndex, heads: slice) -> torch.Tensor:
+    """(B, h, P, D): the query row of every pair, for the query heads ``heads``."""
+    q = query[:, heads]
+    return q.gather(2, index.row[:, None, :, None].expand(*q.shape[:2], index.row.shape[1], q.shape[-1]))
+
+
+def _pair_probabilities(query, key, mask, rows, index: _WordIndex, chunk: slice, scaling, causal) -> torch.Tensor:
+    """(B, h, P, S) float32: each pair's row of probabilities, for the key heads ``chunk``."""
+    heads = _query_heads(query, key, chunk)
+    if mask is not None and mask.shape[1] > 1:  # a per-head mask
+        mask = mask[:, heads]
+    with torch.autocast(query.device.type, enabled=False):
+        logits = _masked_logits(
+            _pair_queries(query, index, heads), key[:, chunk], mask, rows.gather(1, index.row), scaling, causal
+        )
+    return logits.softmax(dim=-1)
+
+
+def _add_into_words(pair_probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:
+    """(B, h, P, S) weighted pair rows → (B, h, W, S) word sums."""
+    batch, heads, _, keys = pair_probs.shape
+    words = pair_probs.new_zeros(batch, heads, index.words, keys)
+    return words.scatter_add_(2, index.word[:, None, :, None].expand_as(pair_probs), pair_probs)
+
+
+def _head_chunks(query: torch.Tensor, key: torch.Tensor, index: _WordIndex) -> list[slice]:
     """Slices of key heads (each with its group of query heads) of about ``CHUNK_BYTES`` of probabilities."""
-    batch, heads, rows, _ = query.shape
+    batch, heads = query.shape[:2]
     kv_heads, keys = key.shape[1], key.shape[2]
-    per_key_head = batch * (heads // kv_heads) * rows * keys * 4
+    per_key_head = batch * (heads // kv_heads) * index.row.shape[1] * keys * 4
     limit = CHUNK_BYTES if query.device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
     step = max(1, limit // max(per_key_head, 1))
     return [slice(start, min(start + step, kv_heads)) for start in range(0, kv_heads, step)]
@@ -436,31 +482,6 @@ def _head_chunks(query: torch.Tensor, key: torch.Tensor) -> list[slice]:
 def _query_heads(query: torch.Tensor, key: torch.Tensor, chunk: slice) -> slice:
     group = query.shape[1] // key.shape[1]
     return slice(chunk.start * group, chunk.stop * group)
-
-
-def _heads(query, key, mask, chunk: slice):
-    """The query rows, keys and mask of the key heads ``chunk``."""
-    heads = _query_heads(query, key, chunk)
-    if mask is not None and mask.shape[1] > 1:  # a per-head mask
-        mask = mask[:, heads]
-    return query[:, heads], key[:, chunk], mask
-
-
-def _place_words(query, key, mask, rows, index: _WordIndex, place, scaling, causal) -> torch.Tensor:
-    probs = _softmax_rows(query, key, mask, rows, scaling, causal)  # (B, H, Q, S)
-    return place(_word_means(probs, index))  # (B, H, W, S) → (B, H, W, R, R)
-
-
-def _word_means(probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:
-    """``weights (B, W, Q) @ probs (B, H, Q, S)`` → (B, H, W, S), summing only the rows each word
-    has: a word has a handful of rows, so the dense product would be mostly multiplications by 0."""
-    batch, heads, queries, keys = probs.shape
-    # index_select, not advanced indexing: its backward is an index_add, where advanced indexing's
-    # is a sorting index_put that took a fifth of an 11B step on a GPU (BENCHMARKS.md)
-    by_row = probs.transpose(1, 2).reshape(batch * queries, heads, keys)
-    picked = by_row.index_select(0, index.sample * queries + index.row) * index.scale[:, None, None]  # (pairs, H, S)
-    out = probs.new_zeros(index.batch * index.words, heads, keys).index_add(0, index.slot, picked)
-    return out.view(index.batch, index.words, heads, keys).transpose(1, 2)
 
 
 def _in_backward() -> bool:

@@ -38,6 +38,9 @@ class Layout:
     keys: torch.Tensor
     view: View
 
+    def to(self, device: torch.device | str) -> Layout:
+        return Layout(self.keys.to(device), self.view)
+
 
 class Adapter:
     model_types: tuple[str, ...] = ()
@@ -124,7 +127,11 @@ def place_on_layouts(probs: torch.Tensor, layouts: list[Layout | None], size: in
         if layout is None:
             placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
         else:
-            placed.append(place_grid(sample[..., layout.keys], layout.view, size))
+            # index_select, not advanced indexing: its backward is an index_add, where advanced
+            # indexing's is a sorting index_put that took a fifth of an 11B step on a GPU (BENCHMARKS.md)
+            keys = layout.keys.to(sample.device)
+            grid = sample.index_select(-1, keys.flatten()).unflatten(-1, keys.shape)
+            placed.append(place_grid(grid, layout.view, size))
     return torch.stack(placed)
 
 
