@@ -106,7 +106,7 @@ def look_at_bright_patches(model, kind: str) -> list:
             inner.multi_modal_projector.register_forward_hook(
                 lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
         ]
-    elif kind in ("qwen2_5_vl", "qwen3_vl"):
+    elif kind in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"):
         _average_patches(inner.visual.patch_embed.proj)
         hooks.append(inner.visual.patch_embed.register_forward_hook(remember("patches")))
 
@@ -163,6 +163,8 @@ def look_at_bright_patches(model, kind: str) -> list:
         hooks.append(language_model.rotary_emb.register_forward_hook(
             lambda module, args, output: (torch.ones_like(output[0]), torch.zeros_like(output[1]))))
         for layer in language_model.layers:
+            if not hasattr(layer, "self_attn"):  # Qwen3.5's linear-attention layers: no map, keys unused
+                continue
             attention = layer.self_attn
             heads = attention.config.num_key_value_heads
             dim = attention.head_dim

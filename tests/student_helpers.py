@@ -9,6 +9,7 @@ from PIL import Image
 from lavender.tiny.vlm import build_tiny_vlm
 
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
+KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),
@@ -35,6 +36,14 @@ def make_batch(kind: str, processor, images: list[Image.Image], conversations=CO
     processor.tokenizer.padding_side = "left"
     nested = [[image] for image in images] if kind in ("mllama", "gemma3") else images
     return dict(processor(images=nested, text=texts, return_tensors="pt", padding=True))
+
+
+def eager_attentions(model, attentions: tuple) -> dict:
+    """Decoder layer index → its ``output_attentions`` tensor. Hybrid decoders (Qwen3.5) return
+    attentions for their full-attention layers only; every other model for all its layers."""
+    types = getattr(model.config.get_text_config(), "layer_types", None) or []
+    layers = [i for i, kind in enumerate(types) if kind != "linear_attention"] or range(len(attentions))
+    return dict(zip(layers, attentions, strict=True))
 
 
 def tiny_batch(kind: str, seed: int = 0):

@@ -15,7 +15,7 @@ import torch
 from lavender.alignment import word_maps
 from lavender.student import AttentionCapture
 from lavender.tiny.vlm import build_tiny_vlm
-from student_helpers import KINDS, tiny_batch
+from student_helpers import KINDS, eager_attentions, tiny_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -60,12 +60,13 @@ def test_capture_on_cuda_equals_eager_attention(kind, dtype, atol):
     with capture.record(positions.cuda()):
         model(**inputs)
     worst = 0.0
+    eager_layers = eager_attentions(model, reference.attentions)
     for layer in capture.layers:
         got = capture._last.logits[layer].probabilities()
         assert got.dtype == torch.float32 and got.device.type == "cuda"
         for b, rows in enumerate(positions):
             rows = rows[rows >= 0]
-            eager_rows = reference.attentions[layer][b][:, rows.cuda()].float()
+            eager_rows = eager_layers[layer][b][:, rows.cuda()].float()
             worst = max(worst, float((got[b, :, : len(rows)] - eager_rows).abs().max()))
     print(f"capture {kind} {dtype}: largest difference to eager {worst:.2e} (tolerance {atol})")
     assert worst <= atol

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lavender.student import AttentionCapture, get_adapter
 from lavender.student.capture import query_probabilities
-from student_helpers import KINDS, tiny_batch
+from student_helpers import KINDS, eager_attentions, tiny_batch
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -30,12 +30,13 @@ def test_captured_rows_equal_eager_attention_and_output_is_unchanged(kind):
     torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
     assert model.config.vision_config._attn_implementation == "sdpa"  # vision tower untouched
     recorded = capture._last.logits
+    eager_layers = eager_attentions(model, reference.attentions)
     for layer in capture.layers:
         got = recorded[layer].probabilities()  # (B, H, Q, S)
         assert got.dtype == torch.float32 and got.requires_grad
         for b, rows in enumerate(positions):
             rows = rows[rows >= 0]
-            eager_rows = reference.attentions[layer][b][:, rows]  # (H, rows, S)
+            eager_rows = eager_layers[layer][b][:, rows]  # (H, rows, S)
             torch.testing.assert_close(got[b, :, : len(rows)], eager_rows, rtol=0, atol=1e-5)
 
 
@@ -74,7 +75,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, qwen2_5_vl, qwen2_vl, qwen3_vl"):
+    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe"):
         get_adapter(model)
 
 
@@ -183,3 +184,41 @@ def test_gemma3_sliding_window_layer_rows_equal_eager_and_full_layers_are_the_de
 
     with pytest.raises(ValueError, match="pan-and-scan"):
         AttentionCapture(model, processor=Gemma3ImageProcessorPil(do_pan_and_scan=True))
+
+
+@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
+def test_qwen3_5_captures_its_full_attention_layers_and_refuses_linear_ones(kind):
+    """Qwen3.5's decoder interleaves Gated DeltaNet linear attention (no attention map) with full
+    attention: every full-attention layer can be captured and equals eager attention; a linear
+    layer named in ``layers`` is refused with the full-attention layers listed; the default takes
+    the full-attention layers in the middle half of the decoder."""
+    from transformers import Qwen3_5Config
+
+    from lavender.student.adapters.qwen3_5 import Qwen3_5Adapter
+
+    model, inputs, positions = tiny_batch(kind)  # layers: linear, full, linear, full
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = eager_attentions(model, eager(**inputs, output_attentions=True).attentions)
+        plain_logits = model(**inputs).logits
+    assert sorted(reference) == [1, 3]
+    assert AttentionCapture(model).layers == [1]  # of the middle half (layers 1 and 2), the full one
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] have no full-attention layer .*capturable layers: \[1, 3\]"):
+        AttentionCapture(model, layers=[0, 1, 2])
+
+    capture = AttentionCapture(model, layers=[1, 3])
+    with torch.no_grad(), capture.record(positions):
+        logits = model(**inputs).logits
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=1e-6)
+    for layer in (1, 3):
+        for b, rows in enumerate(positions):
+            rows = rows[rows >= 0]
+            torch.testing.assert_close(capture._last.logits[layer].probabilities()[b, :, : len(rows)],
+                                       reference[layer][b][:, rows], rtol=0, atol=1e-5)
+
+    # Qwen3.5-9B's shape: 32 layers, full attention at every fourth (3, 7, …, 31)
+    config = Qwen3_5Config(text_config={"num_hidden_layers": 32})
+    full = [i for i, kind in enumerate(config.text_config.layer_types) if kind == "full_attention"]
+    assert full == list(range(3, 32, 4))
+    assert Qwen3_5Adapter(config).default_layers(full) == [11, 15, 19, 23]

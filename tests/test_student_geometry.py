@@ -66,6 +66,9 @@ CASES = {
     # on the token along the long side
     "gemma3": [("square", 64, 64, 16, 32, 16), ("wide", 128, 64, 16, 104, 16), ("tall", 64, 128, 72, 16, 16)],
     "qwen2_5_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
+    # Qwen3-VL's grid: the MoE's decoder and Qwen3.5's hybrid one (full-attention layers captured) change no key's place
+    **{kind: [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)]
+       for kind in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")},
 }
 
 

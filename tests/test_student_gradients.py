@@ -37,7 +37,7 @@ def lora_grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
 
 
-@pytest.mark.parametrize("kind", ["llava", "mllama"])
+@pytest.mark.parametrize("kind", ["llava", "mllama", "qwen3_5"])
 def test_checkpointing_gives_the_same_gradients_and_no_duplicate_maps(kind):
     base, inputs, positions = tiny_batch(kind)
     plain = lora(base)
@@ -62,7 +62,7 @@ def test_checkpointing_gives_the_same_gradients_and_no_duplicate_maps(kind):
     step(checkpointed, inputs, positions, weights, record=False)
 
 
-@pytest.mark.parametrize("kind", ["llava", "mllama", "qwen2_vl"])
+@pytest.mark.parametrize("kind", ["llava", "mllama", "qwen2_vl", "qwen3_5"])
 def test_attention_loss_alone_reaches_lora_of_the_captured_queries(kind):
     base, inputs, positions = tiny_batch(kind)
     model = lora(base)

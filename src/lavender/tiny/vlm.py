@@ -2,7 +2,7 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3, InternVL) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
@@ -12,7 +12,8 @@ torchvision, processors that carry a video processor are built and loaded withou
 The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
 non-square Qwen grids, Qwen2.5-VL's vision windows, Gemma 3's sliding-window layer, LLaVA-NeXT
-canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids.
+canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids, Qwen3.5's
+linear-attention layers between its full-attention ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
+KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -201,33 +203,104 @@ def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, Qwen2_5_VLForConditionalGeneration, config), processor
 
 
+# Qwen3-VL's vision tower at tiny size (also Qwen3-VL-MoE's and Qwen3.5's): patch 16, 2×2 merge,
+# a 4×4 grid of learned position embeddings interpolated to each image's grid.
+_QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=16,
+                     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+# Interleaved M-RoPE over 4 frequencies (2 temporal, 1 height, 1 width).
+_QWEN3_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+
+
 def build_tiny_qwen3_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """Qwen3-VL layout: patch 16, 2×2 merge (one token per 32×32 px), interpolated vision position
     embeddings, deepstack features of vision block 0 added to the first decoder layer, interleaved
     M-RoPE, q/k norms."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    processor, ids = _qwen_vl_processor(
+    processor, ids = _qwen3_vl_processor()
+    config = Qwen3VLConfig(
+        vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
+        text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE,
+                         **_qwen3_text(processor.tokenizer)),
+        **_qwen_image_tokens(ids),
+    )
+    return _seeded(seed, Qwen3VLForConditionalGeneration, config), processor
+
+
+def build_tiny_qwen3_vl_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Qwen3-VL-MoE layout: Qwen3-VL's (deepstack, processor, attention layers); each decoder MLP
+    is a mixture of 4 experts, 2 per token."""
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    processor, ids = _qwen3_vl_processor()
+    config = Qwen3VLMoeConfig(
+        vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
+        text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+        **_qwen_image_tokens(ids),
+    )
+    return _seeded(seed, Qwen3VLMoeForConditionalGeneration, config), processor
+
+
+# Qwen3.5's hybrid decoder: Gated DeltaNet linear attention then gated full attention (1 layer in 4
+# is full in the real models), rotary on half of the 16 head dims (a quarter in the real models).
+_QWEN3_5_TEXT = dict(
+    num_hidden_layers=4, head_dim=16,
+    layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+    linear_num_value_heads=4, rope_parameters={**_QWEN3_ROPE, "partial_rotary_factor": 0.5},
+)
+
+
+def build_tiny_qwen3_5(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Qwen3.5 layout: Qwen3-VL's image tokens and processor (no deepstack); 4 decoder layers,
+    Gated DeltaNet linear attention at 0 and 2, full attention (gated output, partial M-RoPE) at
+    1 and 3."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    processor, ids = _qwen3_vl_processor()
+    config = Qwen3_5Config(
+        vision_config=_QWEN3_VISION,
+        text_config=dict(_QWEN3_5_TEXT, **_qwen3_text(processor.tokenizer)),
+        **_qwen_image_tokens(ids),
+    )
+    return _seeded(seed, Qwen3_5ForConditionalGeneration, config), processor
+
+
+def build_tiny_qwen3_5_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """Qwen3.5-MoE layout: Qwen3.5's, each MLP a mixture of 4 experts (2 per token) plus a shared one."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    processor, ids = _qwen3_vl_processor()
+    config = Qwen3_5MoeConfig(
+        vision_config=_QWEN3_VISION,
+        text_config=dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+        **_qwen_image_tokens(ids),
+    )
+    return _seeded(seed, Qwen3_5MoeForConditionalGeneration, config), processor
+
+
+def _qwen3_vl_processor():
+    """Qwen3-VL's processor (also Qwen3-VL-MoE's and Qwen3.5's): 32 px per token, 4 to 64 tokens."""
+    from transformers import Qwen3VLProcessor
+
+    return _qwen_vl_processor(
         Qwen3VLProcessor, "Qwen3VLVideoProcessor", patch_size=16, min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 64,
         image_mean=[0.5] * 3, image_std=[0.5] * 3,
     )
-    tokenizer = processor.tokenizer
-    config = Qwen3VLConfig(
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
-                           deepstack_visual_indexes=[0]),
-        text_config=dict(
-            vocab_size=len(tokenizer), num_hidden_layers=2, head_dim=8, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
-                             "mrope_interleaved": True},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
-    )
-    return _seeded(seed, Qwen3VLForConditionalGeneration, config), processor
+
+
+def _qwen3_text(tokenizer) -> dict:
+    """The text-config entries every tiny Qwen3 decoder shares."""
+    return dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT)
+
+
+def _qwen_image_tokens(ids) -> dict:
+    """The special token ids of a Qwen-VL config, from the tokenizer's ``convert_tokens_to_ids``."""
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
 def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProcessor", **image_settings):
@@ -497,6 +570,9 @@ BUILDERS: dict[str, Callable] = {
     "qwen2_vl": build_tiny_qwen2_vl,
     "qwen2_5_vl": build_tiny_qwen2_5_vl,
     "qwen3_vl": build_tiny_qwen3_vl,
+    "qwen3_vl_moe": build_tiny_qwen3_vl_moe,
+    "qwen3_5": build_tiny_qwen3_5,
+    "qwen3_5_moe": build_tiny_qwen3_5_moe,
     "gemma3": build_tiny_gemma3,
     "llava_next": build_tiny_llava_next,
     "llava_onevision": build_tiny_llava_onevision,

@@ -13,6 +13,7 @@ from lavender.student.adapters import (  # noqa: F401  (they register themselves
     llava_next,
     mllama,
     qwen2_vl,
+    qwen3_5,
 )
 from lavender.student.adapters.base import ADAPTERS, Adapter, register_adapter
 

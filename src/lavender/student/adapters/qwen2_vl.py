@@ -15,7 +15,9 @@ Qwen2.5-VL keeps this layout: its vision tower attends within windows of merged 
 permutation of the patches inside the tower) and undoes the permutation after its merger, so the
 tokens it hands the language model are row-major again; the processor is Qwen2-VL's. Qwen3-VL
 too (16 px patches, so 32 px per token): its deepstack features are added to the hidden states
-of the first decoder layers at the same image positions, which changes no key's place.
+of the first decoder layers at the same image positions, which changes no key's place. Qwen3-VL-MoE
+(``Qwen3VLMoeForConditionalGeneration``) is Qwen3-VL with mixture-of-experts MLPs: the same vision
+tower, processor and attention layers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lavender.student.geometry import FULL_VIEW
 
 @register_adapter
 class Qwen2VLAdapter(Adapter):
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
     image_inputs_hint = "pixel_values and image_grid_thw"
 
     def layouts(self, inputs, image_sizes, image=0):
