@@ -304,6 +304,23 @@ def test_idefics3_two_images_and_global_view_only_layouts(kind, scale):
         hook.remove()
 
 
+def test_paligemma_two_images_are_adjacent_runs_each_mapped_on_its_own_grid():
+    """PaliGemma writes every image's tokens first, back to back: the runs are told apart by count."""
+    model, processor = build_tiny_vlm("paligemma")
+    hooks = look_at_bright_patches(model, "paligemma")
+    first, second = image_with_region(64, 64, 16, 40, 8), image_with_region(64, 64, 48, 8, 8)
+    inputs = dict(processor(images=[[first, second]], text=["<image><image>what is this?"], return_tensors="pt"))
+    capture = AttentionCapture(model, processor=processor)
+    for image, region in enumerate([(16, 40, 8), (48, 8, 8)]):
+        maps, visible = student_map(model, processor, capture, "paligemma", inputs, [(64, 64)], image=image)
+        cell, found = teacher_cell(*region, 64, 64, R), peak(maps)
+        assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+    assert capture.adapter.layouts(inputs, None, image=2) == [None]
+    capture.close()
+    for hook in hooks:
+        hook.remove()
+
+
 def test_internvl_single_tile_and_thumbnail_layouts():
     """A small image is one tile (no thumbnail); without image sizes a tiled image is mapped from
     its thumbnail; sizes that do not give the run's tile count are refused."""
