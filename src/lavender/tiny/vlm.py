@@ -2,8 +2,8 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3, InternVL) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
-access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
+LLaVA-OneVision, Idefics3, InternVL, SmolVLM, PaliGemma) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+access) and a chat template in the style of the original model (PaliGemma has none). ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
 torchvision, processors that carry a video processor are built and loaded without it:
@@ -12,7 +12,8 @@ torchvision, processors that carry a video processor are built and loaded withou
 The sizes are chosen to exercise what real checkpoints do: grouped-query attention (4 query
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
 non-square Qwen grids, Qwen2.5-VL's vision windows, Gemma 3's sliding-window layer, LLaVA-NeXT
-canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids.
+canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids, SmolVLM's 4×4
+pixel shuffle, PaliGemma's bidirectional prefix.
 """
 
 from __future__ import annotations
