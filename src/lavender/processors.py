@@ -58,20 +58,21 @@ def processor_class_of(path: str | Path) -> type | None:
     return getattr(transformers, name, None) if name else None
 
 
+def _required_parameters(init: Callable) -> tuple[str, ...]:
+    code = init.__code__
+    names = code.co_varnames[1 : code.co_argcount]
+    return names[: len(names) - len(init.__defaults__ or ())]
+
+
 def _video_optional(init: Callable) -> Callable:
-    """``init`` with None as the default of a required ``video_processor`` parameter (SmolVLM's).
+    """``init`` with None as the default of its required ``video_processor`` parameter (SmolVLM's).
 
     A copy of the function with other defaults, not a wrapper: transformers reads a processor's
     sub-processors and settings from ``__init__``'s own signature and code object."""
-    code = init.__code__
-    names = code.co_varnames[1 : code.co_argcount]
-    defaults = init.__defaults__ or ()
-    required = names[: len(names) - len(defaults)]
-    if VIDEO not in required:
-        return init
+    required = _required_parameters(init)
     # a default for video_processor needs one for every parameter between it and the defaulted ones
-    defaults = (None,) * (len(required) - required.index(VIDEO)) + defaults
-    copy = types.FunctionType(code, init.__globals__, init.__name__, defaults, init.__closure__)
+    defaults = (None,) * (len(required) - required.index(VIDEO)) + (init.__defaults__ or ())
+    copy = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
     copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = init.__kwdefaults__, init.__qualname__, init.__doc__
     return copy
 
@@ -97,13 +98,14 @@ def image_only(processor_class: type) -> type:
     holds the image processor's own ``preprocessor_config.json``, from which transformers builds
     the video processor where torchvision is installed (as for the original checkpoints), so the
     folder loads with ``AutoProcessor`` there. A class whose ``__init__`` requires the video
-    processor (SmolVLM) is given None for it, and ``video_processor`` is a stand-in without frame
-    settings for classes that read them while formatting text.
+    processor (SmolVLM) is given None for it, and its ``video_processor`` is a stand-in without
+    frame settings, which SmolVLM reads while formatting text.
     """
 
     class ImageOnly(processor_class):
-        video_processor = _NO_VIDEOS
-        __init__ = _video_optional(processor_class.__init__)
+        if VIDEO in _required_parameters(processor_class.__init__):  # SmolVLM: built and used as if it had one
+            video_processor = _NO_VIDEOS
+            __init__ = _video_optional(processor_class.__init__)
 
         @classmethod
         def get_attributes(cls) -> list[str]:
