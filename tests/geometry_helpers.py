@@ -7,7 +7,7 @@ The model is made to look at bright pixels, using its own modules wherever the g
   each patch its brightness (CLIP/Mllama/Qwen2-VL normalise pixels so white > 0 > black);
 * no mixing: the projector's output (hooked) carries that brightness, patch for patch in the order
   the processor lays its patches out (Qwen2-VL: the mean of each 2×2 merge block; Qwen2.5-VL: the
-  same, on the tower's output after it undoes its window permutation; Gemma 3, Idefics3 and InternVL: the
+  same, on the tower's output after it undoes its window permutation; Gemma 3, Idefics3, SmolVLM and InternVL: the
   tower's output carries the patches' brightness through the projector's own pooling or pixel
   shuffle), and nothing else; the model's own code splices it among the text tokens (LLaVA, Qwen2-VL) or hands it to the
   cross-attention layers (Mllama);
@@ -61,7 +61,7 @@ def look_at_bright_patches(model, kind: str) -> list:
         features[..., 0] = values
         return features
 
-    if kind in ("llava", "llava_next", "llava_onevision"):
+    if kind in ("llava", "llava_next", "llava_onevision", "paligemma"):
         _average_patches(inner.vision_tower.embeddings.patch_embedding)
         hooks.append(inner.vision_tower.embeddings.patch_embedding.register_forward_hook(remember("patches")))
 
@@ -77,7 +77,7 @@ def look_at_bright_patches(model, kind: str) -> list:
             return brightness_features(seen["patches"][:, 0].view(-1, 4).mean(-1), output)
 
         hooks.append(inner.visual.merger.register_forward_hook(merger))
-    elif kind == "idefics3":
+    elif kind in ("idefics3", "smolvlm"):
         # the tower's output carries each patch's brightness; the connector's own pixel shuffle folds
         # it into tokens, whose channels for hidden unit 0 are the r×r patches of the token's block
         tower, width = inner.vision_model, model.config.vision_config.hidden_size

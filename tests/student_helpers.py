@@ -10,6 +10,7 @@ from lavender.tiny.vlm import build_tiny_vlm
 
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
 KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+KINDS += ("smolvlm", "paligemma")
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),
@@ -24,6 +25,13 @@ def noise_image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def make_batch(kind: str, processor, images: list[Image.Image], conversations=CONVERSATIONS) -> dict:
+    processor.tokenizer.padding_side = "left"
+    if kind == "paligemma":  # prefix-LM, no chat template: the question is the prefix, the answer the suffix
+        questions, answers = zip(*conversations[: len(images)])
+        inputs = processor(images=[[image] for image in images], text=[f"<image>{q}" for q in questions],
+                           suffix=list(answers), return_tensors="pt", padding=True)
+        inputs.pop("labels")
+        return dict(inputs)
     texts = [
         processor.apply_chat_template(
             [
@@ -33,8 +41,7 @@ def make_batch(kind: str, processor, images: list[Image.Image], conversations=CO
         )
         for question, answer in conversations[: len(images)]
     ]
-    processor.tokenizer.padding_side = "left"
-    nested = [[image] for image in images] if kind in ("mllama", "gemma3") else images
+    nested = [[image] for image in images] if kind in ("mllama", "gemma3", "smolvlm") else images
     return dict(processor(images=nested, text=texts, return_tensors="pt", padding=True))
 
 

@@ -153,3 +153,20 @@ def test_resuming_with_other_settings_is_refused(llava, data, tmp_path):
     _eval(*argv)
     with pytest.raises(SystemExit, match="different scorer"):
         _eval(*argv, "--scorer", "exact")
+
+
+def test_paligemma_is_asked_with_its_prefix_alone(tmp_path):
+    """A prefix-LM model without a chat template loads; its prompt is the image and the question as
+    the prefix (all token_type_ids 0, no labels), and generation continues after the prefix's newline."""
+    from lavender.evaluation.generation import model_inputs
+
+    model, processor = load_model(save_tiny_vlm("paligemma", tmp_path / "paligemma"))
+    assert not processor.chat_template
+    inputs = model_inputs(processor, [Image.new("RGB", (30, 30)), Image.new("RGB", (40, 20))], ["what is it?", "why?"])
+    assert "labels" not in inputs and not inputs["token_type_ids"].any()
+    image_tokens = processor.image_seq_length
+    first = processor.tokenizer.decode(inputs["input_ids"][0, image_tokens:])
+    assert first == "<bos>what is it?\n"
+    assert inputs["input_ids"][1, 0] == processor.tokenizer.pad_token_id  # left padding for generation
+    answers = generate_answers(model, processor, [Image.new("RGB", (30, 30))], ["what is it?"], max_new_tokens=3)
+    assert len(answers) == 1 and isinstance(answers[0], str)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lavender.student import AttentionCapture, get_adapter
+from lavender.student.adapters import ADAPTERS
 from lavender.student.capture import query_probabilities
 from student_helpers import KINDS, eager_attentions, tiny_batch
 
@@ -75,7 +76,8 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe"):
+    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, "
+                                         "mllama, paligemma, qwen2_5_vl, qwen2_vl, qwen3_5, qwen3_5_moe, qwen3_vl, qwen3_vl_moe, smolvlm"):
         get_adapter(model)
 
 
@@ -222,3 +224,39 @@ def test_qwen3_5_captures_its_full_attention_layers_and_refuses_linear_ones(kind
     full = [i for i, kind in enumerate(config.text_config.layer_types) if kind == "full_attention"]
     assert full == list(range(3, 32, 4))
     assert Qwen3_5Adapter(config).default_layers(full) == [11, 15, 19, 23]
+
+
+def test_paligemma_prefix_rows_attend_bidirectionally_and_equal_eager_attention():
+    """PaliGemma's question rows (token_type_ids 0) see the image and the question's later tokens,
+    its answer rows (1) only what precedes them; both equal eager attention and both see the image.
+    Inputs without token_type_ids, or a soft-capping decoder (PaliGemma 2), are refused."""
+    model, inputs, _ = tiny_batch("paligemma")
+    types, mask = inputs["token_type_ids"], inputs["attention_mask"].bool()
+    last_image = [int(row.eq(model.config.image_token_id).nonzero().max()) for row in inputs["input_ids"]]
+    prefix_end = [int(((types[b] == 0) & mask[b]).nonzero().max()) for b in range(2)]  # the prefix's "\n"
+    first_suffix = [int((types[b] == 1).nonzero().min()) for b in range(2)]
+    positions = torch.tensor([[last_image[b] + 2, last_image[b] + 3, prefix_end[b], first_suffix[b]] for b in range(2)])
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        reference = eager(**inputs, output_attentions=True)
+    capture = AttentionCapture(model)
+    with torch.no_grad(), capture.record(positions):
+        model(**inputs)
+    for layer in capture.layers:
+        got = capture._last.logits[layer].probabilities()
+        for b in range(2):
+            torch.testing.assert_close(got[b], reference.attentions[layer][b][:, positions[b]], rtol=0, atol=1e-5)
+            question_row, answer_row = got[b, :, 0], got[b, :, 3]
+            assert (question_row[:, prefix_end[b]] > 0).all()  # a later prefix token: bidirectional
+            assert (answer_row[:, first_suffix[b] + 1 :] == 0).all()  # causal
+    capture.maps(inputs, size=4)
+    assert capture.query_mask.all()
+
+    plain = {key: value for key, value in inputs.items() if key != "token_type_ids"}
+    with pytest.raises(ValueError, match="need the processor's token_type_ids"):
+        capture.maps(plain, size=4)
+    config = copy.deepcopy(model.config)
+    config.text_config.attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match="soft-capping"):
+        ADAPTERS["paligemma"](config)

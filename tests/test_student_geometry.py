@@ -56,6 +56,12 @@ CASES = {
     # Idefics3: at most 112 px, stretched to whole 56 px tiles, 4×4 tokens of 14 px per tile: 2×2
     # tiles for the square, 1×2 and 2×1 for the 2:1 images (halved, so a token is 28 px of them)
     "idefics3": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
+    # SmolVLM: Idefics3's layout at twice the size and a 4×4 pixel shuffle: at most 224 px, 112 px
+    # tiles of 4×4 tokens (28 px); 2×2 tiles for the square, 1×2 and 2×1 for the 2:1 images (halved)
+    "smolvlm": [("square", 224, 224, 56, 140, 28), ("wide", 448, 224, 112, 280, 56), ("tall", 224, 448, 280, 112, 56)],
+    # PaliGemma: the image stretched to 64 px, 8×8 patches of 8 px, one token each: on the 2:1 images a
+    # patch is 16×8 px of the image, so the region fills half of it along the long side, centred in it
+    "paligemma": [("square", 64, 64, 16, 40, 8), ("wide", 128, 64, 16, 84, 8), ("tall", 64, 128, 84, 16, 8)],
     # Qwen3-VL: patch 16, one token per 32 px
     "qwen3_vl": [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)],
     # InternVL: 56 px tiles of 4×4 tokens (14 px), the grid of 1–4 tiles closest to the aspect ratio:
@@ -262,14 +268,14 @@ def test_onevision_images_of_a_multi_image_sample_are_their_base_views():
         hook.remove()
 
 
-def test_idefics3_two_images_and_global_view_only_layouts():
+@pytest.mark.parametrize("kind, scale", [("idefics3", 1), ("smolvlm", 2)])  # SmolVLM's tiny tiles are twice as big
+def test_idefics3_two_images_and_global_view_only_layouts(kind, scale):
     """Several images in one sample are told apart by their global views; a processor that does not
     split shows the global view alone, and the map comes from it."""
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
-
-    model, processor = build_tiny_vlm("idefics3")
-    hooks = look_at_bright_patches(model, "idefics3")
-    tall, wide = image_with_region(112, 224, 140, 56, 28), image_with_region(224, 112, 56, 140, 28)
+    model, processor = build_tiny_vlm(kind)
+    hooks = look_at_bright_patches(model, kind)
+    tall = image_with_region(112 * scale, 224 * scale, 140 * scale, 56 * scale, 28 * scale)
+    wide = image_with_region(224 * scale, 112 * scale, 56 * scale, 140 * scale, 28 * scale)
     text = processor.apply_chat_template([
         {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this?"}]},
     ], add_generation_prompt=True)
@@ -278,21 +284,41 @@ def test_idefics3_two_images_and_global_view_only_layouts():
     for image, (picture, region, shape) in enumerate([(tall, (140, 56, 28), (8, 4)), (wide, (56, 140, 28), (4, 8))]):
         size = (picture.height, picture.width)
         assert capture.adapter.layouts(inputs, [size], image)[0].keys.shape == shape
-        maps, visible = student_map(model, processor, capture, "idefics3", inputs, [size], image=image)
-        cell, found = teacher_cell(*region, *size, R), peak(maps)
+        maps, visible = student_map(model, processor, capture, kind, inputs, [size], image=image)
+        cell, found = teacher_cell(*(scale * r for r in region), *size, R), peak(maps)
         assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
 
-    unsplit = Idefics3Processor(
-        Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56},
-                                  do_image_splitting=False),
+    settings = processor.image_processor.to_dict()
+    unsplit = type(processor)(
+        type(processor.image_processor)(size=settings["size"], max_image_size=settings["max_image_size"],
+                                        do_image_splitting=False),
         processor.tokenizer, image_seq_len=16, chat_template=processor.chat_template,
     )
-    picture = image_with_region(112, 56, 14, 56, 14)  # stretched to 56×56: token (1, 2) of 4×4
-    inputs = make_batch("idefics3", unsplit, [picture])
-    assert capture.adapter.layouts(inputs, [(56, 112)])[0].keys.shape == (4, 4)
-    maps, visible = student_map(model, unsplit, capture, "idefics3", inputs, [(56, 112)])
-    cell, found = teacher_cell(14, 56, 14, 56, 112, R), peak(maps)
+    # stretched to one tile: token (1, 2) of 4×4
+    picture = image_with_region(112 * scale, 56 * scale, 14 * scale, 56 * scale, 14 * scale)
+    inputs = make_batch(kind, unsplit, [picture])
+    size = (picture.height, picture.width)
+    assert capture.adapter.layouts(inputs, [size])[0].keys.shape == (4, 4)
+    maps, visible = student_map(model, unsplit, capture, kind, inputs, [size])
+    cell, found = teacher_cell(14 * scale, 56 * scale, 14 * scale, *size, R), peak(maps)
     assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (found, cell)
+    capture.close()
+    for hook in hooks:
+        hook.remove()
+
+
+def test_paligemma_two_images_are_adjacent_runs_each_mapped_on_its_own_grid():
+    """PaliGemma writes every image's tokens first, back to back: the runs are told apart by count."""
+    model, processor = build_tiny_vlm("paligemma")
+    hooks = look_at_bright_patches(model, "paligemma")
+    first, second = image_with_region(64, 64, 16, 40, 8), image_with_region(64, 64, 48, 8, 8)
+    inputs = dict(processor(images=[[first, second]], text=["<image><image>what is this?"], return_tensors="pt"))
+    capture = AttentionCapture(model, processor=processor)
+    for image, region in enumerate([(16, 40, 8), (48, 8, 8)]):
+        maps, visible = student_map(model, processor, capture, "paligemma", inputs, [(64, 64)], image=image)
+        cell, found = teacher_cell(*region, 64, 64, R), peak(maps)
+        assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+    assert capture.adapter.layouts(inputs, None, image=2) == [None]
     capture.close()
     for hook in hooks:
         hook.remove()

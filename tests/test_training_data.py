@@ -246,3 +246,56 @@ def test_a_first_turn_only_store_counts_later_turns_missing(vlm, tmp_path):
     assert [word["turn"] for word in store.words("talk")] == [0, 0, 0, 0]
     _, batch = _batch(vlm, read_records(manifest), store)
     assert batch[COUNTS_KEY].tolist() == [4, 10, 0]
+
+
+# ---- PaliGemma: a prefix-LM without a chat template ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paligemma():
+    return build_tiny_vlm("paligemma")
+
+
+def test_paligemma_question_is_the_prefix_and_the_answer_the_only_suffix(paligemma, data):
+    """The processor gets the question as its text and the answer as its suffix; labels and
+    token_type_ids 1 are exactly the answer and <eos>; every word's rows spell it, on both sides."""
+    records, store = data
+    _, processor = paligemma
+    samples, batch = _batch(paligemma, records[:3], store, att_text="both")
+    image_tokens = processor.image_seq_length
+    for b, record in enumerate(records[:3]):
+        ids, labels, types = batch["input_ids"][b], batch["labels"][b], batch["token_type_ids"][b]
+        length = int(batch["attention_mask"][b].sum())
+        text = processor.tokenizer.decode(ids[image_tokens:length])
+        assert text == f"<bos>{record.question}\n{record.answer}<eos>"
+        assert processor.tokenizer.decode(ids[labels != -100]) == f"{record.answer}<eos>"
+        assert torch.equal(types.bool(), labels != -100)  # the suffix is exactly what is trained on
+        for w, positions in enumerate(_word_positions(batch)[b][: len(samples[b].keys)]):
+            spelled = processor.tokenizer.decode(ids[positions]).replace(" ", "").casefold()
+            word = split_turn_key(samples[b].keys[w])[0]
+            assert spelled == word * len(samples[b].words[w])  # "the" of the question and of the answer
+    assert batch[COUNTS_KEY].tolist()[0] > 0
+
+
+def test_paligemma_conversation_is_refused_naming_the_record(paligemma, tmp_path):
+    manifest = write_records(tmp_path / "records", records=[CONVERSATION])
+    store = open_store(write_targets(tmp_path / "targets", manifest, resolution=4))
+    dataset = LavenderDataset(read_records(manifest), store, paligemma[1])
+    with pytest.raises(SampleError, match="record 'talk': 3 exchanges, but a prefix-LM model"):
+        dataset.prepare(dataset.records[0])
+
+
+def test_paligemma_token_type_ids_that_do_not_mark_the_answer_are_refused(paligemma, data, monkeypatch):
+    """token_type_ids 0 on the answer would let it attend to itself: the collator stops."""
+    records, store = data
+    processor = paligemma[1]
+    call = type(processor).__call__
+
+    def without_suffix_types(self, *args, **kwargs):
+        output = call(self, *args, **kwargs)
+        output["token_type_ids"] = torch.zeros_like(output["token_type_ids"])
+        return output
+
+    monkeypatch.setattr(type(processor), "__call__", without_suffix_types)
+    with pytest.raises(SampleError, match="record 'r0': the processor's token_type_ids do not mark exactly the answer"):
+        _batch(paligemma, records[:1], store)

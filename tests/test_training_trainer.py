@@ -165,10 +165,10 @@ def test_bad_setups_fail_before_training(world, llava, tmp_path):
         build_trainer(build_config(_keys(world, llava, "bad", att_resolution=16)))
     with pytest.raises(ConfigError, match="made from the 'answer' text"):
         build_trainer(build_config(_keys(world, llava, "bad", att_text="question")))
-    unsupported = tmp_path / "paligemma"
+    unsupported = tmp_path / "blip-2"
     unsupported.mkdir()
-    (unsupported / "config.json").write_text(json.dumps({"model_type": "paligemma"}))
-    with pytest.raises(ConfigError, match="'paligemma' is not supported; supported: .*llava"):
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    with pytest.raises(ConfigError, match="'blip-2' is not supported; supported: .*llava"):
         build_trainer(build_config(_keys(world, unsupported, "bad")))
     other = tmp_path / "other.jsonl"
     other.write_text(Path(world[1]).read_text().replace('"r', '"x'))

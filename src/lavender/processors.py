@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import types
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,36 @@ def processor_class_of(path: str | Path) -> type | None:
     return getattr(transformers, name, None) if name else None
 
 
+def _required_parameters(init: Callable) -> tuple[str, ...]:
+    code = init.__code__
+    names = code.co_varnames[1 : code.co_argcount]
+    return names[: len(names) - len(init.__defaults__ or ())]
+
+
+def _video_optional(init: Callable) -> Callable:
+    """``init`` with None as the default of its required ``video_processor`` parameter (SmolVLM's).
+
+    A copy of the function with other defaults, not a wrapper: transformers reads a processor's
+    sub-processors and settings from ``__init__``'s own signature and code object."""
+    required = _required_parameters(init)
+    # a default for video_processor needs one for every parameter between it and the defaulted ones
+    defaults = (None,) * (len(required) - required.index(VIDEO)) + (init.__defaults__ or ())
+    copy = types.FunctionType(init.__code__, init.__globals__, init.__name__, defaults, init.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = init.__kwdefaults__, init.__qualname__, init.__doc__
+    return copy
+
+
+class _NoVideos:
+    """Stands in for the video processor where a class reads its settings while formatting text
+    (SmolVLM's ``apply_chat_template`` reads ``num_frames`` and ``fps``): none, so no frames are sampled."""
+
+    num_frames = None
+    fps = None
+
+
+_NO_VIDEOS = _NoVideos()
+
+
 @cache
 def image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: it loads, calls and saves the rest as is.
@@ -65,10 +97,16 @@ def image_only(processor_class: type) -> type:
     ``__init__`` passes for it is dropped). The class keeps its name, and a folder it saves also
     holds the image processor's own ``preprocessor_config.json``, from which transformers builds
     the video processor where torchvision is installed (as for the original checkpoints), so the
-    folder loads with ``AutoProcessor`` there.
+    folder loads with ``AutoProcessor`` there. A class whose ``__init__`` requires the video
+    processor (SmolVLM) is given None for it, and its ``video_processor`` is a stand-in without
+    frame settings, which SmolVLM reads while formatting text.
     """
 
     class ImageOnly(processor_class):
+        if VIDEO in _required_parameters(processor_class.__init__):  # SmolVLM: built and used as if it had one
+            video_processor = _NO_VIDEOS
+            __init__ = _video_optional(processor_class.__init__)
+
         @classmethod
         def get_attributes(cls) -> list[str]:
             return [name for name in super().get_attributes() if name != VIDEO]

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from lavender.prefix_lm import is_prefix_lm, prefix_text
+
 _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
 
 
@@ -46,7 +48,7 @@ def load_model(path: str | Path, base: str | Path | None = None, dtype: torch.dt
     else:
         raise FileNotFoundError(f"{path}: neither a model folder (config.json) nor a PEFT adapter (adapter_config.json)")
     processor = load_processor(processor_source)
-    if not getattr(processor, "chat_template", None):
+    if not getattr(processor, "chat_template", None) and not is_prefix_lm(processor):
         raise ValueError(
             f"the processor in {processor_source} has no chat template; prompts are built with the model's own "
             "template: add its chat_template.jinja to the folder"
@@ -58,7 +60,10 @@ def load_model(path: str | Path, base: str | Path | None = None, dtype: torch.dt
 
 
 def chat_text(processor: Any, prompt: str) -> str:
-    """The model's chat template applied to one user turn holding the image and ``prompt``."""
+    """The model's chat template applied to one user turn holding the image and ``prompt``; for a
+    prefix-LM model (PaliGemma), the prefix (the processor adds ``<bos>`` and the closing ``\\n``)."""
+    if is_prefix_lm(processor):
+        return prefix_text(processor, prompt)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -68,7 +73,10 @@ def model_inputs(processor: Any, images: Sequence[Image.Image], prompts: Sequenc
     texts = [chat_text(processor, prompt) for prompt in prompts]
     # The chat template already wrote the BOS token where the model expects one.
     # One list per sample: processors that take several images per prompt (Mllama) need the nesting.
-    return processor(images=[[image] for image in images], text=texts, padding=True, add_special_tokens=False, return_tensors="pt")
+    inputs = processor(images=[[image] for image in images], text=texts, padding=True, add_special_tokens=False,
+                       return_tensors="pt")
+    inputs.pop("labels", None)  # PaliGemma's processor adds labels (all ignored without a suffix): not for generate
+    return inputs
 
 
 @torch.inference_mode()

@@ -2,8 +2,8 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
-access) and a chat template in the style of the original model. ``save_tiny_vlm`` writes both
+LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, SmolVLM, PaliGemma) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+access) and a chat template in the style of the original model (PaliGemma has none). ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
 torchvision, processors that carry a video processor are built and loaded without it:
@@ -13,7 +13,8 @@ The sizes are chosen to exercise what real checkpoints do: grouped-query attenti
 heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 internally,
 non-square Qwen grids, Qwen2.5-VL's vision windows, Gemma 3's sliding-window layer, LLaVA-NeXT
 canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids, Qwen3.5's
-linear-attention layers between its full-attention ones.
+linear-attention layers between its full-attention ones, SmolVLM's 4×4 pixel shuffle, PaliGemma's
+bidirectional prefix.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
 KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+KINDS += ("smolvlm", "paligemma")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -511,6 +513,53 @@ def build_tiny_idefics3(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, Idefics3ForConditionalGeneration, config), processor
 
 
+# SmolVLM2's template: the Idefics3 one opened by ``<|im_start|>`` instead of the BOS token.
+SMOLVLM_CHAT_TEMPLATE = "<|im_start|>" + IDEFICS3_CHAT_TEMPLATE.removeprefix("{{ bos_token }}")
+
+
+def build_tiny_smolvlm(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """SmolVLM layout: Idefics3's (the same tile and global-view strings, image splitting and pixel
+    shuffle) with SmolVLM's own classes, at a shuffle factor of 4 as in SmolVLM2-256M/500M: images
+    resized to at most 224 px, cut into 112 px tiles (up to 2×2) plus a 112 px global view;
+    16×16 patches of 7 px per tile, pixel-shuffled 4×4 into 4×4 tokens. Its processor needs
+    ``num2words``."""
+    from transformers import (
+        LlamaConfig,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+        SmolVLMProcessor,
+        SmolVLMVisionConfig,
+    )
+    from transformers.utils import is_torchvision_available
+
+    from lavender.processors import image_only
+
+    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
+    markers += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tokenizer = _tokenizer(["<|im_start|>", "<|endoftext|>", "<pad>", *markers], "<|im_start|>", "<end_of_utterance>",
+                           "<pad>", extra_special_tokens={"image_token": "<image>", "video_token": "<video>",
+                                                          "fake_image_token": "<fake_token_around_image>",
+                                                          "global_image_token": "<global-img>"})
+    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 224}, max_image_size={"longest_edge": 112})
+    settings = dict(image_seq_len=16, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    if is_torchvision_available():
+        from transformers import SmolVLMVideoProcessor
+
+        processor = SmolVLMProcessor(image_processor, tokenizer, SmolVLMVideoProcessor(), **settings)
+    else:
+        processor = image_only(SmolVLMProcessor)(image_processor, tokenizer, **settings)
+    config = SmolVLMConfig(
+        vision_config=SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, image_size=112, patch_size=7),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **_TEXT),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        scale_factor=4,
+    )
+    return _seeded(seed, SmolVLMForConditionalGeneration, config), processor
+
+
 GEMMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' }}"
@@ -564,6 +613,38 @@ def build_tiny_gemma3(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return model, processor
 
 
+def build_tiny_paligemma(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """PaliGemma layout: SigLIP (64 px, patch 8 → 8×8 patches) projected to 64 ``<image>`` tokens,
+    placed first, then ``<bos>``, the prefix and ``\\n``; a Gemma decoder attending to that prefix
+    bidirectionally (prefix-LM). No chat template, as the released checkpoints; the processor adds
+    PaliGemma's 1024 ``<locNNNN>`` and 128 ``<segNNN>`` tokens to the tokenizer."""
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = _tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], "<bos>", "<eos>", "<pad>",
+                           unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = SiglipImageProcessorPil(size={"height": 64, "width": 64}, image_seq_length=64)
+    processor = PaliGemmaProcessor(image_processor, tokenizer)
+    config = PaliGemmaConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=64, patch_size=8),
+        text_config=GemmaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, head_dim=8,
+                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, **_TEXT),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vocab_size=len(tokenizer),
+        projection_dim=32,
+        hidden_size=32,
+    )
+    return _seeded(seed, PaliGemmaForConditionalGeneration, config), processor
+
+
 BUILDERS: dict[str, Callable] = {
     "llava": build_tiny_llava,
     "mllama": build_tiny_mllama,
@@ -578,6 +659,8 @@ BUILDERS: dict[str, Callable] = {
     "llava_onevision": build_tiny_llava_onevision,
     "idefics3": build_tiny_idefics3,
     "internvl": build_tiny_internvl,
+    "smolvlm": build_tiny_smolvlm,
+    "paligemma": build_tiny_paligemma,
 }
 
 

@@ -1,8 +1,9 @@
 """Training samples: a record in the model's own chat template, its labels, and its words' targets.
 
 The sequence is ``processor.apply_chat_template`` applied to the record, so the model is tuned on
-the prompt format it will be asked in. Everything else is located in that rendered string by
-character spans:
+the prompt format it will be asked in; for a prefix-LM model without a chat template (PaliGemma),
+the question as the processor's prefix and the answer as its suffix (:mod:`lavender.prefix_lm`;
+one exchange per record). Everything else is located in that rendered string by character spans:
 
 * labels: only the assistant turns (their content and the template's end-of-turn marker);
 * words: the question and/or answer text (``att_text``) of every exchange of the conversation
@@ -34,6 +35,7 @@ from PIL import Image
 
 from lavender.errors import LavenderError
 from lavender.images import ImageError, load_image
+from lavender.prefix_lm import is_prefix_lm, laid_out, prefix_text
 from lavender.records import Record, exchange_of_turns
 from lavender.teacher.store import turn_key
 from lavender.training.config import QUERY_ROWS
@@ -62,6 +64,16 @@ class SampleError(LavenderError, ValueError):
 
 
 @dataclass
+class PrefixLMCall:
+    """How a prefix-LM processor is called for a sample: ``text`` (the image token and the
+    question) and ``suffix`` (the answer), which starts at ``start`` in the sample's prompt."""
+
+    text: str
+    suffix: str
+    start: int
+
+
+@dataclass
 class Sample:
     """One record ready for the collator: text, image, where labels and words sit, their targets."""
 
@@ -74,6 +86,7 @@ class Sample:
     words_missing: int = 0
     records_skipped: int = 0  # unreadable records passed over to reach this one
     keys: list[str] = field(default_factory=list)  # the stored (turn-qualified) key of each entry of ``words``
+    prefix_lm: PrefixLMCall | None = None  # prefix-LM models: what the processor is called with
 
 
 def _messages(record: Record) -> list[dict[str, Any]]:
@@ -124,6 +137,26 @@ def render(processor, record: Record) -> tuple[str, list[tuple[int, int]], list[
     return prompt, supervised, spans
 
 
+def render_prefix_lm(
+    processor, record: Record
+) -> tuple[str, list[tuple[int, int]], list[tuple[int, str, tuple[int, int]]], PrefixLMCall]:
+    """:func:`render` for a prefix-LM processor: the text it tokenises (question as the prefix,
+    answer as the suffix; :func:`lavender.prefix_lm.laid_out`), the suffix's span (answer and
+    ``<eos>``: the labels), the two texts' spans, and the processor's call. One exchange only."""
+    exchanges = record.exchanges()
+    if len(exchanges) != 1:
+        raise SampleError(
+            f"record {record.id!r}: {len(exchanges)} exchanges, but a prefix-LM model (PaliGemma) is trained on "
+            "one question and its answer per record; split the conversation into records"
+        )
+    question, answer = exchanges[0].question, exchanges[0].answer
+    prompt, question_start, start = laid_out(processor, question, answer)
+    spans = [(0, "question", (question_start, question_start + len(question))),
+             (0, "answer", (start, start + len(answer)))]
+    spans = [span for span in spans if span[2][1] > span[2][0]]  # as render: a turn without text has no span
+    return prompt, [(start, len(prompt))], spans, PrefixLMCall(prefix_text(processor, question), answer, start)
+
+
 class LavenderDataset(torch.utils.data.Dataset):
     """Records + the target store → :class:`Sample` s.
 
@@ -169,7 +202,10 @@ class LavenderDataset(torch.utils.data.Dataset):
             image = load_image(record.image)
         except ImageError as error:
             raise ImageError(f"record {record.id!r}: {error}") from None
-        prompt, supervised, spans = render(self.processor, record)
+        if is_prefix_lm(self.processor):
+            prompt, supervised, spans, call = render_prefix_lm(self.processor, record)
+        else:
+            (prompt, supervised, spans), call = render(self.processor, record), None
         targets = self.store.get(record.id) if record.id in self._known_ids else {}
         occurrences: dict[str, list[Word]] = {}
         missing = 0
@@ -202,6 +238,7 @@ class LavenderDataset(torch.utils.data.Dataset):
             targets=maps,
             words_missing=missing,
             keys=keys,
+            prefix_lm=call,
         )
 
 
@@ -242,7 +279,8 @@ class LavenderCollator:
     """Batches :class:`Sample` s into model inputs plus the ``lavender_*`` keys.
 
     The processor tokenises and pads the whole batch (right padding, so positions are those of the
-    unpadded sequence) and lays out each architecture's image inputs.
+    unpadded sequence) and lays out each architecture's image inputs. A prefix-LM processor is
+    given each sample's prefix and suffix; its ``token_type_ids`` must mark exactly the suffix.
     """
 
     def __init__(self, processor, query_rows: str = "word"):
@@ -251,22 +289,32 @@ class LavenderCollator:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.shift = 1 if query_rows == "predicting" else 0
+        self.prefix_lm = is_prefix_lm(processor)
 
     def __call__(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        prompts = [s.prompt for s in samples]
+        if self.prefix_lm:
+            texts = dict(text=[s.prefix_lm.text for s in samples], suffix=[s.prefix_lm.suffix for s in samples])
+        else:
+            texts = dict(text=[s.prompt for s in samples])
         batch = self.processor(
-            text=prompts,
+            **texts,
             images=[[s.image] for s in samples],
             padding=True,
             padding_side="right",
-            add_special_tokens=False,  # the chat template wrote the special tokens
+            add_special_tokens=False,  # the chat template (or the prefix-LM processor) wrote the special tokens
             return_tensors="pt",
             return_text_replacement_offsets=True,
         )
         # processors that keep the placeholder as one token (Mllama) report no replacements
         replacements = batch.pop("text_replacement_offsets", None) or [[] for _ in samples]
         expanded = [expand_text(s.prompt, r) for s, r in zip(samples, replacements)]
-        plain = self.tokenizer([text for text, _ in expanded], add_special_tokens=False, return_offsets_mapping=True)
+        if self.prefix_lm:  # the processor tokenises prefix and suffix as a pair: so must the check
+            starts = [move(s.prefix_lm.start) for s, (_, move) in zip(samples, expanded)]
+            plain = self.tokenizer([text[:start] for (text, _), start in zip(expanded, starts)],
+                                   [text[start:] for (text, _), start in zip(expanded, starts)],
+                                   add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            plain = self.tokenizer([text for text, _ in expanded], add_special_tokens=False, return_offsets_mapping=True)
         input_ids = batch["input_ids"]
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         rows_per_sample: list[list[list[int]]] = []
@@ -278,6 +326,17 @@ class LavenderCollator:
                     "its image placeholders replaced; the processor changed the text beyond the replacements it reports"
                 )
             offsets = plain["offset_mapping"][b]
+            if self.prefix_lm:
+                # token_type_ids 1 make a token causal: exactly the suffix's, or the answer would see itself
+                suffix = [int(part == 1) for part in plain.sequence_ids(b)]
+                if batch["token_type_ids"][b, :length].tolist() != suffix:
+                    raise SampleError(
+                        f"record {sample.record_id!r}: the processor's token_type_ids do not mark exactly the answer "
+                        "(the suffix) as 1; the answer would attend to itself bidirectionally"
+                    )
+                # the suffix's offsets count from its own start
+                offsets = [(low + starts[b], high + starts[b]) if part else (low, high)
+                           for part, (low, high) in zip(suffix, offsets)]
             supervised = [(move(low), move(high)) for low, high in sample.supervised]
             for token, (start, end) in enumerate(offsets):
                 if end > start and any(start < high and end > low for low, high in supervised):

@@ -12,6 +12,7 @@ from lavender.student.adapters import (  # noqa: F401  (they register themselves
     llava,
     llava_next,
     mllama,
+    paligemma,
     qwen2_vl,
     qwen3_5,
 )

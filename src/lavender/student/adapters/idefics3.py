@@ -1,4 +1,5 @@
-"""Idefics3 (``Idefics3ForConditionalGeneration``): tiles plus a global view, pixel-shuffled.
+"""Idefics3 (``Idefics3ForConditionalGeneration``) and SmolVLM (``SmolVLMForConditionalGeneration``):
+tiles plus a global view, pixel-shuffled.
 
 The processor resizes the image (longest edge to ``size["longest_edge"]``), then stretches it to
 whole multiples of the tile size ``max_image_size["longest_edge"]`` in both directions and cuts it
@@ -13,6 +14,13 @@ patch_size) and the connector's pixel shuffle folds each r×r block of patches (
 The map is built from the tiles, joined into one (rows·s/r) × (cols·s/r) grid over the whole
 image (the stretch cuts nothing); the attention the rows give to the global view is not part of
 it. An image shown as its global view alone is mapped from that view.
+
+SmolVLM (``model_type`` ``smolvlm``; SmolVLM2) has the same layout, checked against transformers 5.24:
+``SmolVLMImageProcessor`` splits and resizes as Idefics3's, ``SmolVLMProcessor`` writes the same
+tile and global-view strings (its ``<fake_token_around_image>``, ``<row_i_col_j>`` and
+``<global-img>`` from the tokenizer), and its connector has the same pixel shuffle, of
+``scale_factor`` (3 or 4 in the released models, 2 in Idefics3). The first SmolVLM release
+(SmolVLM-Instruct) is an ``idefics3`` checkpoint.
 
 Reading the layout from ``input_ids`` (the adapter has no tokenizer): each image's runs of image
 tokens end with its global view, whose run is always preceded by the same ``<global-img>`` token,
@@ -39,7 +47,7 @@ _SAME_ROW_GAP = 2  # <fake_token_around_image><row_i_col_j> between two tiles of
 
 @register_adapter
 class Idefics3Adapter(Adapter):
-    model_types = ("idefics3",)
+    model_types = ("idefics3", "smolvlm")
     image_inputs_hint = "pixel_values and pixel_attention_mask"
 
     def layouts(self, inputs, image_sizes, image=0):
