@@ -407,7 +407,7 @@ def build_tiny_minicpmv4_6(seed: int = 0) -> tuple[PreTrainedModel, object]:
     decoder of linear-attention and full-attention layers (``_minicpmv_parts``)."""
     from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, MiniCPMV4_6Processor
 
-    processor, text, ids = _minicpmv_parts(MiniCPMV4_6Processor)
+    processor, text, _ = _minicpmv_parts(MiniCPMV4_6Processor)
     config = MiniCPMV4_6Config(**text)
     return _seeded(seed, MiniCPMV4_6ForConditionalGeneration, config), processor
 

@@ -73,7 +73,9 @@ class MiniCPMV46Adapter(Adapter):
         for b, columns in enumerate(image_columns(input_ids, self.config.image_token_id)):
             runs = image_runs(columns)
             if first + len(runs) > len(sizes):
-                raise ValueError(f"the batch has more views of images in its text than rows in target_sizes ({len(sizes)})")
+                raise ValueError(
+                    f"the batch has more views of images in its text than rows in target_sizes ({len(sizes)})"
+                )
             grids = []
             for run, (height, width) in zip(runs, sizes[first : first + len(runs)]):
                 rows, cols = height // down, width // across
@@ -84,12 +86,12 @@ class MiniCPMV46Adapter(Adapter):
                     )
                 grids.append(run.view(rows, cols))
             first += len(runs)
-            images = self._images(b, input_ids[b], runs, grids)
+            images = self._images(input_ids[b], runs, grids)
             if image >= len(images):
                 layouts.append(None)
                 continue
             source, slices = images[image]
-            layouts.append(Layout(self._joined(b, input_ids[b], slices) if slices else source, FULL_VIEW))
+            layouts.append(Layout(self._joined(b, slices) if slices else source, FULL_VIEW))
         return layouts
 
     def _merge(self, inputs) -> tuple[int, int]:
@@ -100,7 +102,7 @@ class MiniCPMV46Adapter(Adapter):
         return window[0] * kernel[0] ** times, window[1] * kernel[1] ** times
 
     @staticmethod
-    def _images(b: int, ids: torch.Tensor, runs: list[torch.Tensor], grids: list[torch.Tensor]):
+    def _images(ids: torch.Tensor, runs: list[torch.Tensor], grids: list[torch.Tensor]):
         """Split a sample's views into images: ``(source grid, [(slice run, slice grid), …])`` each."""
         if not runs:
             return []
@@ -114,7 +116,7 @@ class MiniCPMV46Adapter(Adapter):
         return images
 
     @staticmethod
-    def _joined(b: int, ids: torch.Tensor, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _joined(b: int, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The slices of one image joined into one grid, row-major as the processor cut them."""
         runs = [run for run, _ in slices]
         cols = next((i + 1 for i in range(len(runs) - 1) if runs[i + 1][0] - runs[i][-1] - 1 > _SAME_ROW_GAP),
