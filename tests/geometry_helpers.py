@@ -128,6 +128,25 @@ def look_at_bright_patches(model, kind: str) -> list:
             inner.multi_modal_projector.register_forward_hook(
                 lambda module, args, output: brightness_features(seen["pooled"], output)),
         ]
+    elif kind in ("minicpmv4_6", "minicpmv4_7"):
+        # the block before the window merger hands it each patch's brightness (patches packed, views
+        # in order, row-major); the merger's own window order and the MLP merger's own 2×2 blocks fold it
+        tower, width = inner.vision_tower, model.config.vision_config.hidden_size
+        window = tower.vit_merger
+        _average_patches(tower.embeddings.patch_embedding)
+        hooks += [
+            tower.embeddings.patch_embedding.register_forward_hook(remember("patches")),
+            tower.encoder.layers[model.config.insert_layer_id].register_forward_hook(
+                lambda module, args, output: brightness_features(seen["patches"][:, 0].flatten(1), output)),
+            window.self_attn.register_forward_hook(lambda module, args, output: (torch.zeros_like(output[0]), None)),
+            window.pre_norm.register_forward_hook(  # its input: each window's patches, concatenated
+                lambda module, args, output: seen.update(windows=args[0][..., ::width].mean(-1))),
+            window.register_forward_hook(lambda module, args, output: brightness_features(seen["windows"], output)),
+            tower.post_layernorm.register_forward_hook(
+                lambda module, args, output: brightness_features(seen["windows"], output)),
+            inner.merger.mlp[0].register_forward_hook(
+                lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
+        ]
     elif kind == "mllama":
         _average_patches(inner.vision_model.patch_embedding)
         hooks.append(inner.vision_model.patch_embedding.register_forward_hook(remember("patches")))

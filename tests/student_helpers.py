@@ -11,6 +11,7 @@ from lavender.tiny.vlm import build_tiny_vlm
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
 KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 KINDS += ("smolvlm", "paligemma")
+KINDS += ("minicpmv4_6", "minicpmv4_7")
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),

@@ -75,7 +75,19 @@ CASES = {
     # Qwen3-VL's grid: the MoE's decoder and Qwen3.5's hybrid one (full-attention layers captured) change no key's place
     **{kind: [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)]
        for kind in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")},
+    # MiniCPM-V: one token per 28 px of a view. Sliced (over 112² px): 2×2, 1×2 and 2×1 slices of 112
+    # px (4×4 tokens each) that tile the image exactly; 168×112 is stretched to 140×168 and cut in
+    # 1×2 slices of 5×3 tokens, 22.4×28 px of the image each. Not sliced: the source view alone,
+    # 112×56 stretched to 84×168 px, 3×6 tokens of 18.7 px
+    "minicpmv4_6": [
+        ("square", 224, 224, 56, 140, 28),
+        ("wide", 224, 112, 28, 140, 28),
+        ("tall", 112, 224, 140, 28, 28),
+        ("wide_stretched", 168, 112, 45, 115, 22),
+        ("wide_unsliced", 112, 56, 19, 75, 19),
+    ],
 }
+CASES["minicpmv4_7"] = CASES["minicpmv4_6"]  # 4.6's processor and tower
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -347,3 +359,42 @@ def test_internvl_single_tile_and_thumbnail_layouts():
     capture.close()
     for hook in hooks:
         hook.remove()
+
+
+def test_minicpmv_two_images_per_sample_unsliced_and_4x_layouts():
+    """Several images in one sample are told apart by their source views, each mapped from its
+    slices or, unsliced, from its source view; ``"4x"`` keeps 2×2 more tokens per view."""
+    from transformers import MiniCPMV4_6ImageProcessorPil
+
+    model, processor = build_tiny_vlm("minicpmv4_6")
+    hooks = look_at_bright_patches(model, "minicpmv4_6")
+    capture = AttentionCapture(model, processor=processor)
+    tall, small = image_with_region(112, 224, 140, 28, 28), image_with_region(112, 56, 19, 75, 19)
+    text = processor.apply_chat_template([
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what is this?"}]},
+    ], add_generation_prompt=True)
+    inputs = dict(processor(images=[tall, small], text=[text], return_tensors="pt"))
+    for image, (picture, region, shape) in enumerate([(tall, (140, 28, 28), (8, 4)), (small, (19, 75, 19), (3, 6))]):
+        size = (picture.height, picture.width)
+        assert capture.adapter.layouts(inputs, None, image)[0].keys.shape == shape
+        maps, visible = student_map(model, processor, capture, "minicpmv4_6", inputs, [size], image=image)
+        cell, found = teacher_cell(*region, *size, R), peak(maps)
+        assert visible.all() and abs(found[0] - cell[0]) <= 1 and abs(found[1] - cell[1]) <= 1, (image, found, cell)
+    assert capture.adapter.layouts(inputs, None, 2) == [None]
+
+    with pytest.raises(ValueError, match="a run of 18 image tokens, but its view of 48×24 patches gives 12×6"):
+        capture.adapter.layouts(dict(inputs, target_sizes=inputs["target_sizes"] * 2), None)
+    with pytest.raises(ValueError, match="more views of images in its text than rows in target_sizes"):
+        capture.adapter.layouts(dict(inputs, target_sizes=inputs["target_sizes"][1:]), None)
+    for hook in hooks:
+        hook.remove()
+
+    processor.image_processor = MiniCPMV4_6ImageProcessorPil(scale_resolution=112, patch_size=7, max_slice_nums=4,
+                                                             downsample_mode="4x")
+    inputs = dict(processor(images=[tall], text=[text.replace("<unk>", "", 1)], return_tensors="pt"),
+                  downsample_mode="4x")
+    assert capture.adapter.layouts(inputs, None)[0].keys.shape == (16, 8)
+    last = inputs["input_ids"].shape[1] - 1
+    with torch.no_grad(), capture.record(torch.tensor([[last]])):
+        model(**inputs)  # the model agrees on the number of tokens
+    capture.close()

@@ -77,39 +77,49 @@ def _video_optional(init: Callable) -> Callable:
     return copy
 
 
-class _NoVideos:
-    """Stands in for the video processor where a class reads its settings while formatting text
-    (SmolVLM's ``apply_chat_template`` reads ``num_frames`` and ``fps``): none, so no frames are sampled."""
-
-    num_frames = None
-    fps = None
-
-
-_NO_VIDEOS = _NoVideos()
-
-
 @cache
 def image_only(processor_class: type) -> type:
     """``processor_class`` without its video processor: it loads, calls and saves the rest as is.
 
     ``ProcessorMixin`` takes its sub-processors from ``get_attributes()``: leaving the video
-    processor out there means it is neither loaded nor required (the ``None`` the class's own
-    ``__init__`` passes for it is dropped). The class keeps its name, and a folder it saves also
-    holds the image processor's own ``preprocessor_config.json``, from which transformers builds
-    the video processor where torchvision is installed (as for the original checkpoints), so the
-    folder loads with ``AutoProcessor`` there. A class whose ``__init__`` requires the video
-    processor (SmolVLM) is given None for it, and its ``video_processor`` is a stand-in without
-    frame settings, which SmolVLM reads while formatting text.
+    processor out there means it is neither loaded nor required. The class's own ``__init__``
+    still takes (and passes on, by position) every sub-processor: loading gives it ``None`` in
+    the video processor's place (between the others for MiniCPM-V 4.6), and what it passes on is
+    matched to its full list of sub-processors, the video processor's dropped. Its
+    ``video_processor`` is then a stand-in that refuses videos and reads the image processor's
+    settings, for classes whose ``__init__`` copies some (MiniCPM-V 4.6: ``slice_mode``,
+    ``downsample_mode``; its video processor's defaults are the same). The class keeps its name,
+    and a folder it saves also holds the image processor's own ``preprocessor_config.json``, from
+    which transformers builds the video processor where torchvision is installed (as for the
+    original checkpoints), so the folder loads with ``AutoProcessor`` there. A class whose
+    ``__init__`` requires the video processor (SmolVLM) gets None as its default.
     """
+    from transformers import ProcessorMixin
 
-    class ImageOnly(processor_class):
-        if VIDEO in _required_parameters(processor_class.__init__):  # SmolVLM: built and used as if it had one
-            video_processor = _NO_VIDEOS
+    every = processor_class.get_attributes()
+
+    class WithoutVideo(ProcessorMixin):  # after processor_class in the MRO: its super().__init__ lands here
+        def __init__(self, *args, **kwargs):
+            kwargs.update(zip(every, args))
+            kwargs.pop(VIDEO, None)
+            super().__init__(**kwargs)
+
+        @property
+        def video_processor(self) -> NoVideos:
+            return NoVideos(self.image_processor)
+
+    class ImageOnly(processor_class, WithoutVideo):
+        if VIDEO in _required_parameters(processor_class.__init__):  # SmolVLM: built as if it had one
             __init__ = _video_optional(processor_class.__init__)
 
         @classmethod
         def get_attributes(cls) -> list[str]:
-            return [name for name in super().get_attributes() if name != VIDEO]
+            return [name for name in every if name != VIDEO]
+
+        @classmethod
+        def _get_arguments_from_pretrained(cls, *args, **kwargs) -> list:
+            loaded = dict(zip(cls.get_attributes(), super()._get_arguments_from_pretrained(*args, **kwargs)))
+            return [loaded.get(name) for name in every]  # the class's own order, None for the video processor
 
         def save_pretrained(self, save_directory, *args, **kwargs):
             saved = super().save_pretrained(save_directory, *args, **kwargs)
@@ -119,6 +129,25 @@ def image_only(processor_class: type) -> type:
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__
     ImageOnly.__doc__ = f"{processor_class.__name__} without its video processor (torchvision is not installed)."
     return ImageOnly
+
+
+class NoVideos:
+    """The video processor of a processor built without torchvision: it has the image processor's
+    settings and refuses videos."""
+
+    valid_kwargs = None  # no video options: they would be merged with the image processor's
+    num_frames = fps = None  # no frames to sample (SmolVLM reads them while formatting text)
+
+    def __init__(self, image_processor):
+        self._image_processor = image_processor
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._image_processor, name)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need torchvision, which is not installed; this processor takes images only")
 
 
 @cache

@@ -4,7 +4,8 @@ example:
   lavender tiny sd runs/tiny-sd          a Stable Diffusion 1.x pipeline (teacher)
   lavender tiny llava runs/tiny-llava    a VLM (student); also mllama, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3,
                                          llava_next, llava_onevision, idefics3, internvl,
-                                         qwen3_vl_moe, qwen3_5, qwen3_5_moe, smolvlm, paligemma
+                                         qwen3_vl_moe, qwen3_5, qwen3_5_moe, smolvlm, paligemma,
+                                         minicpmv4_6, minicpmv4_7
 """
 
 from __future__ import annotations

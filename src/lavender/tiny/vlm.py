@@ -2,7 +2,7 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, SmolVLM, PaliGemma) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, SmolVLM, PaliGemma, MiniCPM-V 4.6 and 4.7) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model (PaliGemma has none). ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
@@ -14,7 +14,7 @@ heads, 2 key/value heads), Mllama tiles whose 17 vision tokens are padded to 24 
 non-square Qwen grids, Qwen2.5-VL's vision windows, Gemma 3's sliding-window layer, LLaVA-NeXT
 canvases that need unpadding, OneVision grids that shrink, Idefics3 tile grids, Qwen3.5's
 linear-attention layers between its full-attention ones, SmolVLM's 4×4 pixel shuffle, PaliGemma's
-bidirectional prefix.
+bidirectional prefix, MiniCPM-V slice grids over a hybrid Qwen3.5 decoder.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
 KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 KINDS += ("smolvlm", "paligemma")
+KINDS += ("minicpmv4_6", "minicpmv4_7")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -473,6 +474,83 @@ def build_tiny_internvl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return _seeded(seed, InternVLForConditionalGeneration, config), processor
 
 
+def build_tiny_minicpmv4_6(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """MiniCPM-V 4.6 layout: SigLIP-style tower (7 px patches) whose window merger after block 0
+    and whose MLP merger each fold 2×2 tokens (one token per 28 px); a source view of about
+    112×112 px plus, for larger images, up to 4 slices of about 112×112 px on a grid; a Qwen3.5
+    decoder of linear-attention and full-attention layers (``_minicpmv_parts``)."""
+    from transformers import MiniCPMV4_6Config, MiniCPMV4_6ForConditionalGeneration, MiniCPMV4_6Processor
+
+    processor, text, _ = _minicpmv_parts(MiniCPMV4_6Processor)
+    config = MiniCPMV4_6Config(**text)
+    return _seeded(seed, MiniCPMV4_6ForConditionalGeneration, config), processor
+
+
+def build_tiny_minicpmv4_7(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """MiniCPM-V 4.7 layout: 4.6's tower, processor and token layout; the decoder's positions are
+    its canvas M-RoPE (from ``mm_token_type_ids`` and the marker ids in the config)."""
+    from transformers import MiniCPMV4_7Config, MiniCPMV4_7ForConditionalGeneration, MiniCPMV4_7Processor
+
+    processor, text, ids = _minicpmv_parts(MiniCPMV4_7Processor)
+    text["text_config"]["rope_parameters"].update(mrope_section=[2, 1, 1], mrope_interleaved=True)
+    config = MiniCPMV4_7Config(
+        image_start_id=ids("<image>"), image_end_id=ids("</image>"), slice_start_id=ids("<slice>"),
+        slice_end_id=ids("</slice>"), newline_id=ids("\n"), **text,
+    )
+    return _seeded(seed, MiniCPMV4_7ForConditionalGeneration, config), processor
+
+
+# MiniCPM-V's markers (the names its processor reads from the tokenizer)
+MINICPMV_MARKERS = {
+    "image_token": "<unk>", "video_token": "<|video_pad|>", "image_start_token": "<image>",
+    "image_end_token": "</image>", "slice_start_token": "<slice>", "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>", "image_id_end_token": "</image_id>",
+}
+
+
+def _minicpmv_parts(processor_class):
+    """A MiniCPM-V 4.x processor (without torchvision: without its video processor, and with the
+    PIL image processor), the model config's text and vision parts, and ``convert_tokens_to_ids``.
+
+    The decoder: 4 Qwen3.5 layers, linear attention (Gated DeltaNet) in 0 and 2, full attention
+    in 1 and 3 (real checkpoints: one full-attention layer in four)."""
+    from transformers import MiniCPMV4_6ImageProcessorPil
+    from transformers.utils import is_torchvision_available
+
+    from lavender.processors import image_only
+
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *MINICPMV_MARKERS.values()], None,
+                           "<|im_end|>", "<|endoftext|>", extra_special_tokens=MINICPMV_MARKERS)
+    template = chat_template("<unk>\\n", "<|im_start|>ROLE\\n", "<|im_end|>\\n")
+    image_processor = MiniCPMV4_6ImageProcessorPil(scale_resolution=112, patch_size=7, max_slice_nums=4)
+    if is_torchvision_available():
+        from transformers import MiniCPMV4_6VideoProcessor
+
+        videos = MiniCPMV4_6VideoProcessor(scale_resolution=112, patch_size=7, max_slice_nums=4)
+        processor = processor_class(image_processor, videos, tokenizer, chat_template=template)
+    else:
+        processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
+                                                chat_template=template)
+    ids = tokenizer.convert_tokens_to_ids
+    text = dict(
+        text_config=dict(
+            model_type="qwen3_5_text", vocab_size=len(tokenizer), num_hidden_layers=4, head_dim=16,
+            layer_types=["linear_attention", "full_attention"] * 2, linear_conv_kernel_dim=4,
+            linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+            max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                          "partial_rotary_factor": 0.5},
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT,
+        ),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=112, patch_size=7),
+        insert_layer_id=0,
+        image_size=112,
+        image_token_id=ids("<unk>"),
+        video_token_id=ids("<|video_pad|>"),
+    )
+    return processor, text, ids
+
+
 IDEFICS3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'] is string %}{{ ': ' + message['content'] }}{% else %}"
@@ -661,6 +739,8 @@ BUILDERS: dict[str, Callable] = {
     "internvl": build_tiny_internvl,
     "smolvlm": build_tiny_smolvlm,
     "paligemma": build_tiny_paligemma,
+    "minicpmv4_6": build_tiny_minicpmv4_6,
+    "minicpmv4_7": build_tiny_minicpmv4_7,
 }
 
 
