@@ -16,6 +16,7 @@ from lavender.cli import build_parser
 from training_fixtures import run_keys, train_logs, write_records, write_targets
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl"]
+FAMILIES += ["idefics"]
 
 
 def _cli(*argv: str) -> int:

@@ -39,7 +39,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
-from lavender.student.adapters.base import place_on_layouts
+from lavender.student.adapters.base import has_rollout, place_on_layouts
 
 ATTENTION_NAME = "lavender"
 
@@ -126,6 +126,7 @@ class AttentionCapture:
         self._base.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
         for module in self._modules:
             _WATCHED[module] = self
+        self._hooks = self.adapter.watch(self._base, lambda: self._recording is not None)
         self._recording: _Recording | None = None  # inside record()
         self._last: _Recording | None = None  # the latest recorded forward, until a plain one
         self._query_mask: torch.Tensor | None = None
@@ -179,12 +180,17 @@ class AttentionCapture:
         def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
             return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
 
+        # Keys that are resampler latents reach the grid through a rollout that carries gradient
+        # of its own (to the resampler and vision tower): the function then stops at the words'
+        # means over the latents (words × latents: small) and autograd takes it from there.
+        rollout = has_rollout(layouts)
         index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
         maps = []
         for layer in self.layers:
             logits = recording.logits[layer]
-            maps.append(_WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
-                                        index, place, logits.scaling, logits.causal))
+            words = _WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
+                                    index, _unplaced if rollout else place, logits.scaling, logits.causal)
+            maps.append(place(words) if rollout else words)
         self._check_gradient(maps[0])
         self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
@@ -241,6 +247,9 @@ class AttentionCapture:
         """Stop capturing and give the language model its previous attention implementation back."""
         for module in self._modules:
             _WATCHED.pop(module, None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._base.set_attn_implementation({self.adapter.text_config_key: self._previous_implementation})
         self._recording = self._last = None
 
@@ -449,6 +458,10 @@ def _heads(query, key, mask, chunk: slice):
 def _place_words(query, key, mask, rows, index: _WordIndex, place, scaling, causal) -> torch.Tensor:
     probs = _softmax_rows(query, key, mask, rows, scaling, causal)  # (B, H, Q, S)
     return place(_word_means(probs, index))  # (B, H, W, S) → (B, H, W, R, R)
+
+
+def _unplaced(word_probs: torch.Tensor) -> torch.Tensor:
+    return word_probs
 
 
 def _word_means(probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:

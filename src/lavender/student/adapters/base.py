@@ -10,7 +10,7 @@ Everything else (recording, masks, softmax, placing on the teacher's canvas) is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +31,34 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 @dataclass
+class Rollout:
+    """Keys that are not a grid (resampler latents), taken onto the tokens that are:
+    ``weights (n, S')`` says how much of each of the image's ``latents`` (n key indices) comes
+    from each of S' vision tokens (see :mod:`lavender.student.adapters.idefics`)."""
+
+    latents: torch.Tensor
+    weights: torch.Tensor
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, S) probabilities over the keys → (…, S') over the vision tokens."""
+        return probs[..., self.latents] @ self.weights.to(probs.dtype)
+
+
+@dataclass
 class Layout:
     """One image of one sample: ``keys (rows, cols)``, the key index of each grid cell, and the
-    grid's ``view`` on the original image."""
+    grid's ``view`` on the original image. With a ``rollout``, ``keys`` index the vision tokens
+    the rollout leads to, not the attention's keys."""
 
     keys: torch.Tensor
     view: View
+    rollout: Rollout | None = None
+
+    def grid(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, S) probabilities over the attention's keys → (…, rows, cols) on the image's grid."""
+        if self.rollout is not None:
+            probs = self.rollout(probs)
+        return probs[..., self.keys]
 
 
 class Adapter:
@@ -52,6 +74,12 @@ class Adapter:
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module that can be captured, each with a ``layer_idx``."""
         return [layer.self_attn for layer in model.get_decoder().layers]
+
+    def watch(self, model: nn.Module, recording: Callable[[], bool]) -> list:
+        """Forward hooks on modules besides the captured attention whose forward the maps also
+        need (IDEFICS' perceiver resampler); ``recording()`` is True during a recorded forward.
+        Returns the hooks' handles, which ``AttentionCapture.close`` removes."""
+        return []
 
     def default_layers(self, layers: list[int]) -> list[int]:
         """Self-attention models: the middle half of the decoder (L/4 ≤ i < 3L/4).
@@ -80,7 +108,7 @@ class Adapter:
     ) -> list[torch.Tensor | None]:
         """Per sample, its (…, S) probabilities on the image's patch grid (…, rows, cols), or None."""
         return [
-            None if layout is None else sample[..., layout.keys]
+            None if layout is None else layout.grid(sample)
             for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image))
         ]
 
@@ -124,13 +152,17 @@ def place_on_layouts(probs: torch.Tensor, layouts: list[Layout | None], size: in
         if layout is None:
             placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
         else:
-            placed.append(place_grid(sample[..., layout.keys], layout.view, size))
+            placed.append(place_grid(layout.grid(sample), layout.view, size))
     return torch.stack(placed)
 
 
 def image_columns(input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
     """Per sample, the sequence positions of its image tokens (ascending)."""
     return [row.eq(image_token_id).nonzero().squeeze(-1) for row in input_ids]
+
+
+def has_rollout(layouts: list[Layout | None]) -> bool:
+    return any(layout is not None and layout.rollout is not None for layout in layouts)
 
 
 def rows_after_layouts(inputs: dict, positions: torch.Tensor, layouts: list[Layout | None]) -> torch.Tensor:
