@@ -3,7 +3,7 @@
 example:
   lavender tiny sd runs/tiny-sd          a Stable Diffusion 1.x pipeline (teacher)
   lavender tiny llava runs/tiny-llava    a VLM (student); also mllama, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3,
-                                         llava_next, llava_onevision, idefics3, internvl
+                                         llava_next, llava_onevision, idefics3, internvl, idefics
 """
 
 from __future__ import annotations
