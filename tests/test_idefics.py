@@ -18,6 +18,7 @@ from lavender.alignment import word_maps
 from lavender.student import AttentionCapture
 from lavender.tiny.vlm import build_tiny_idefics
 from lavender.training.data import expand_text
+from lavender.training.setup import loss_over_all_logits
 from student_helpers import make_batch, noise_image
 
 R = 32
@@ -259,3 +260,15 @@ def test_processor_takes_placeholders_and_reports_what_it_changed():
     assert batch["image_attention_mask"][0, :, 0].tolist() == [0] * image + [1] * (len(tokens) - image)
     with pytest.raises(ValueError, match="1 <image> placeholders but its sample has 2 images"):
         processor(images=[[noise_image(50, 40, 0)] * 2], text=[text])
+
+
+def test_training_loss_covers_the_image_token_logits():
+    # IDEFICS' 2 image tokens are logits past config.vocab_size, which transformers' loss reshapes by
+    model, _, inputs, _ = batch(use_resampler=True)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    model.loss_function = loss_over_all_logits
+    with torch.no_grad():
+        output = model(**inputs, labels=labels)
+    assert output.logits.shape[-1] == model.config.vocab_size + 2
+    expected = torch.nn.functional.cross_entropy(output.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    torch.testing.assert_close(output.loss, expected)
