@@ -120,7 +120,8 @@ def with_placeholders(processor_class: type) -> type:
 
         def __call__(self, images=None, text=None, **kwargs):
             texts = [text] if isinstance(text, str) else text
-            if images is None or not texts or not all(isinstance(t, str) and IMAGE_PLACEHOLDER in t for t in texts):
+            placeholders = bool(texts) and all(isinstance(t, str) and IMAGE_PLACEHOLDER in t for t in texts)
+            if images is None or not placeholders:
                 return super().__call__(images=images, text=text, **kwargs)
             report = kwargs.pop("return_text_replacement_offsets", False)
             per_sample = [list(i) if isinstance(i, (list, tuple)) else [i] for i in images]
@@ -136,9 +137,8 @@ def with_placeholders(processor_class: type) -> type:
             """``text`` with placeholders → the class's interleaved prompt, and what the class will change."""
             pieces = text.split(IMAGE_PLACEHOLDER)
             if len(pieces) - 1 != len(images):
-                raise ValueError(
-                    f"a text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but its sample has {len(images)} images"
-                )
+                raise ValueError(f"a text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                                 f"but its sample has {len(images)} images")
             bos = self.tokenizer.bos_token
             replacements, prompt = [], []
             position = 0
@@ -155,7 +155,8 @@ def with_placeholders(processor_class: type) -> type:
                     if lead:
                         replacements.append({"span": (position, position + lead), "replacement": ""})
                     if len(piece) - lead > len(kept):
-                        replacements.append({"span": (position + lead + len(kept), position + len(piece)), "replacement": ""})
+                        trailing = (position + lead + len(kept), position + len(piece))
+                        replacements.append({"span": trailing, "replacement": ""})
                     prompt.append(piece)
                     last_was_image = False
                 position += len(piece)
