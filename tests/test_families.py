@@ -19,6 +19,7 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision",
 FAMILIES += ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 FAMILIES += ["smolvlm", "paligemma"]
 FAMILIES += ["minicpmv4_6", "minicpmv4_7"]
+FAMILIES += ["idefics"]
 
 
 def _cli(*argv: str) -> int:

@@ -6,6 +6,11 @@ package does not bring. Lavender only feeds images, so where torchvision is abse
 is built from its real class without the video processor: the image processor (the PIL backend,
 which needs no torchvision), the tokenizer and the chat template load as ``AutoProcessor`` would
 load them, and text and images go through the class's own ``__call__``. The log says so once.
+
+IDEFICS' processor (``IdeficsProcessor``, the Flamingo architecture) predates chat templates: it
+takes each sample as a list of text pieces and images and writes the image tokens itself. Lavender
+renders prompts with the chat template, whose ``<image>`` marks where the image goes, so that
+processor is loaded as :func:`with_placeholders` of its class (see there).
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ def load_processor(path: str | Path) -> Any:
     from transformers import AutoProcessor
     from transformers.utils import is_torchvision_available
 
+    processor_class = processor_class_of(path)
+    if processor_class is not None and processor_class.__name__ in PLACEHOLDER_PROCESSORS:
+        return with_placeholders(processor_class).from_pretrained(path)
     if is_torchvision_available():
         return AutoProcessor.from_pretrained(path)
-    processor_class = processor_class_of(path)
     if processor_class is None or VIDEO not in processor_class.get_attributes():
         return AutoProcessor.from_pretrained(path)
     _say_once(processor_class.__name__)
@@ -148,6 +155,87 @@ class NoVideos:
 
     def __call__(self, *args, **kwargs):
         raise ValueError("videos need torchvision, which is not installed; this processor takes images only")
+# processors that take interleaved lists of text and images rather than text with placeholders
+PLACEHOLDER_PROCESSORS = ("IdeficsProcessor",)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@cache
+def with_placeholders(processor_class: type) -> type:
+    """``IdeficsProcessor`` that also takes what the other processors take: per sample a text with an
+    ``<image>`` placeholder per image (as the chat template writes them) and the sample's images.
+
+    The text is cut at its placeholders and handed to the class's own ``__call__`` as the
+    interleaved list it expects (``[text, image, text, ...]``), which writes
+    ``<fake_token_around_image><image><fake_token_around_image>`` per image, the BOS token, the
+    ``image_attention_mask`` and the padded ``pixel_values``. With ``return_text_replacement_offsets``
+    it reports what it changed in each text as the other processors do (``span`` in the text,
+    ``replacement``): each placeholder's image tokens, the BOS token when the text did not start with
+    it, and the spaces the class strips from the ends of each text piece. Calls without placeholders
+    go to the class unchanged. It also keeps the chat template it is given (the class's ``__init__``
+    drops it, so ``AutoProcessor`` loads such a folder without it). The class keeps its name, so a
+    folder it saves loads with ``AutoProcessor``.
+    """
+
+    class WithPlaceholders(processor_class):
+        # the signature is the class's (ProcessorMixin reads its sub-processors from it), plus the template
+        def __init__(self, image_processor, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, **kwargs)
+            self.chat_template = chat_template  # IdeficsProcessor's own __init__ drops it
+
+        def __call__(self, images=None, text=None, **kwargs):
+            texts = [text] if isinstance(text, str) else text
+            placeholders = bool(texts) and all(isinstance(t, str) and IMAGE_PLACEHOLDER in t for t in texts)
+            if images is None or not placeholders:
+                return super().__call__(images=images, text=text, **kwargs)
+            report = kwargs.pop("return_text_replacement_offsets", False)
+            per_sample = [list(i) if isinstance(i, (list, tuple)) else [i] for i in images]
+            if len(per_sample) != len(texts):
+                raise ValueError(f"{len(texts)} texts but {len(per_sample)} samples of images")
+            prompts, replacements = zip(*(self._interleave(t, i) for t, i in zip(texts, per_sample)))
+            batch = super().__call__(text=list(prompts), **kwargs)
+            if report:
+                batch["text_replacement_offsets"] = list(replacements)
+            return batch
+
+        def _interleave(self, text: str, images: list) -> tuple[list, list[dict]]:
+            """``text`` with placeholders → the class's interleaved prompt, and what the class will change."""
+            pieces = text.split(IMAGE_PLACEHOLDER)
+            if len(pieces) - 1 != len(images):
+                raise ValueError(f"a text has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                                 f"but its sample has {len(images)} images")
+            bos = self.tokenizer.bos_token
+            replacements, prompt = [], []
+            position = 0
+            if text.startswith(bos):  # the class writes the BOS token itself
+                pieces[0] = pieces[0][len(bos) :]
+                position = len(bos)
+            else:
+                replacements.append({"span": (0, 0), "replacement": bos})
+            last_was_image = False
+            for index, piece in enumerate(pieces):
+                if piece:  # the class strips spaces (only) from both ends of a text piece
+                    kept = piece.strip(" ")
+                    lead = len(piece) - len(piece.lstrip(" "))
+                    if lead:
+                        replacements.append({"span": (position, position + lead), "replacement": ""})
+                    if len(piece) - lead > len(kept):
+                        trailing = (position + lead + len(kept), position + len(piece))
+                        replacements.append({"span": trailing, "replacement": ""})
+                    prompt.append(piece)
+                    last_was_image = False
+                position += len(piece)
+                if index < len(images):
+                    tokens = ("" if last_was_image else "<fake_token_around_image>") + "<image><fake_token_around_image>"
+                    end = position + len(IMAGE_PLACEHOLDER)
+                    replacements.append({"span": (position, end), "replacement": tokens})
+                    prompt.append(images[index])
+                    position, last_was_image = end, True
+            return prompt, replacements
+
+    WithPlaceholders.__name__ = WithPlaceholders.__qualname__ = processor_class.__name__
+    WithPlaceholders.__doc__ = f"{processor_class.__name__} that also takes text with {IMAGE_PLACEHOLDER} placeholders."
+    return WithPlaceholders
 
 
 @cache

@@ -126,6 +126,7 @@ class AttentionCapture:
         self._base.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
         for module in self._modules:
             _WATCHED[module] = self
+        self._hooks = self.adapter.watch(self._base, lambda: self._recording is not None)
         self._recording: _Recording | None = None  # inside record()
         self._last: _Recording | None = None  # the latest recorded forward, until a plain one
         self._query_mask: torch.Tensor | None = None
@@ -241,6 +242,9 @@ class AttentionCapture:
         """Stop capturing and give the language model its previous attention implementation back."""
         for module in self._modules:
             _WATCHED.pop(module, None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._base.set_attn_implementation({self.adapter.text_config_key: self._previous_implementation})
         self._recording = self._last = None
 

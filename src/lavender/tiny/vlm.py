@@ -32,6 +32,7 @@ KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "lla
 KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 KINDS += ("smolvlm", "paligemma")
 KINDS += ("minicpmv4_6", "minicpmv4_7")
+KINDS += ("idefics",)
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -721,6 +722,52 @@ def build_tiny_paligemma(seed: int = 0) -> tuple[PreTrainedModel, object]:
         hidden_size=32,
     )
     return _seeded(seed, PaliGemmaForConditionalGeneration, config), processor
+IDEFICS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize + ':' }}"
+    "{% if message['content'] is string %}{{ ' ' + message['content'] }}{% else %}"
+    "{% if message['content'][0]['type'] != 'image' %}{{ ' ' }}{% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<end_of_utterance>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_idefics(seed: int = 0, use_resampler: bool = True) -> tuple[PreTrainedModel, object]:
+    """IDEFICS (Flamingo) layout: CLIP-style ViT (84 px, patch 14 → 6×6 patches + CLS); with the
+    resampler (as idefics-9b/80b) 8 perceiver latents per image over 2 perceiver blocks, else the
+    37 patch features themselves; a gated cross-attention layer before each of the 2 decoder
+    layers. As in the real tokenizer, ``<fake_token_around_image>`` and ``<image>`` are the 2
+    additional (decoupled) embeddings after the base vocabulary; the processor is the real
+    ``IdeficsProcessor`` taking the chat template's ``<image>`` placeholders (:mod:`lavender.processors`)."""
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text, IdeficsImageProcessorPil, IdeficsProcessor
+
+    from lavender.processors import with_placeholders
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<end_of_utterance>"], "<s>", "</s>", "<unk>", unk_token="<unk>")
+    base_vocabulary = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>"]})
+    image_processor = IdeficsImageProcessorPil(image_size=84)
+    processor = with_placeholders(IdeficsProcessor)(image_processor, tokenizer, image_size=84,
+                                                    chat_template=IDEFICS_CHAT_TEMPLATE)
+    config = IdeficsConfig(
+        vocab_size=base_vocabulary, additional_vocab_size=2, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, cross_layer_interval=1,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        freeze_text_layers=False, freeze_vision_layers=False, use_resampler=use_resampler,
+        vision_config=dict(embed_dim=32, image_size=84, patch_size=14, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2),
+        perceiver_config=dict(use_resampler=use_resampler, resampler_n_latents=8, resampler_depth=2,
+                              resampler_n_heads=2, resampler_head_dim=8),
+    )
+    model = _seeded(seed, IdeficsForVisionText2Text, config)
+    # The tanh gates start at 0 (alpha_initializer "zeros"), which would hide the cross-attention
+    # layers from the output; open them as in a trained model.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("alpha_cross_attn", "alpha_dense")):
+                parameter.fill_(0.5)
+    return model, processor
 
 
 BUILDERS: dict[str, Callable] = {
@@ -741,6 +788,7 @@ BUILDERS: dict[str, Callable] = {
     "paligemma": build_tiny_paligemma,
     "minicpmv4_6": build_tiny_minicpmv4_6,
     "minicpmv4_7": build_tiny_minicpmv4_7,
+    "idefics": build_tiny_idefics,
 }
 
 

@@ -33,8 +33,9 @@ DTYPES = ("bfloat16", "float16", "float32")
 WARMUPS = ("aligner", "alignment")  # what the first aligner_warmup_steps train (see LavenderArguments)
 # where vision towers sit in transformers' VLMs (every supported family)
 VISION_TOWERS = ("vision_model", "vision_tower", "visual")
-# where their language models sit (Idefics3 calls it text_model)
-LANGUAGE_MODELS = ("language_model", "text_model")
+# where their language models sit (Idefics3 calls it text_model; IDEFICS has no language-model
+# module: its decoder and gated cross-attention layers sit in the base model itself)
+LANGUAGE_MODELS = ("language_model", "text_model", r"model\.layers", r"model\.gated_cross_attn_layers")
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).

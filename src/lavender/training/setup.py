@@ -79,7 +79,18 @@ def load_model(config: TrainConfig):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     processor = load_processor(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=args.attn_implementation)
+    if getattr(model.config, "additional_vocab_size", 0):
+        model.loss_function = loss_over_all_logits
     return model, processor
+
+
+def loss_over_all_logits(logits, labels, vocab_size: int, **kwargs):
+    """transformers' causal-LM loss over every logit. IDEFICS appends ``additional_vocab_size``
+    logits (its image tokens) after ``vocab_size`` but passes ``config.vocab_size`` to the loss,
+    which then cannot reshape them (transformers 5.24, ``IdeficsForVisionText2Text.forward``)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], **kwargs)
 
 
 def build_trainer(config: TrainConfig):
@@ -144,7 +155,8 @@ def build_trainer(config: TrainConfig):
         logger.warning("%d of %d records have no teacher maps; they train with L_LM only", without_maps, len(records))
 
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
-    image_token = image_token_id(model.config)
+    # parallel attention finds the image tokens in the sequence; cross-attention models (IDEFICS) name none
+    image_token = image_token_id(model.config) if parallel_layers is not None else None
     collator = LavenderCollator(processor, query_rows=args.att_rows)
     check_words_match(dataset, collator, config)
 

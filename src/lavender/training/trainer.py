@@ -101,7 +101,7 @@ class LavenderTrainer(Trainer):
         head: AlignmentHead,
         resolution: int,
         target_normalization: str,
-        image_token_id: int,
+        image_token_id: int | None,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
         aligner_warmup: str = "aligner",

@@ -7,6 +7,7 @@ from torch import nn
 
 from lavender.student.adapters import (  # noqa: F401  (they register themselves)
     gemma3,
+    idefics,
     idefics3,
     internvl,
     llava,

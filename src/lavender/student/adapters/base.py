@@ -10,7 +10,7 @@ Everything else (recording, masks, softmax, placing on the teacher's canvas) is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +32,30 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 @dataclass
 class Layout:
-    """One image of one sample: ``keys (rows, cols)``, the key index of each grid cell, and the
-    grid's ``view`` on the original image."""
+    """One image of one sample on its patch grid, and the grid's ``view`` on the original image.
+
+    Image tokens that are grid cells (most families): ``keys (rows, cols)``, the key index of
+    each cell. Tokens that are not (resampler latents or queries: IDEFICS, MiniCPM-V 2.5):
+    ``keys (K,)`` and ``weights (K, rows, cols)``, how much of each token comes from each patch
+    (the resampler's attention, rolled out); the grid is then ``probs[..., keys] @ weights``.
+    """
 
     keys: torch.Tensor
     view: View
+    weights: torch.Tensor | None = None
+
+    def grid(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, S) probabilities over the keys → (…, rows, cols) on this image's patch grid."""
+        keys = self.keys.to(probs.device)
+        # index_select, not advanced indexing: its backward is an index_add, where advanced
+        # indexing's is a sorting index_put that took a fifth of an 11B step on a GPU (BENCHMARKS.md)
+        picked = probs.index_select(-1, keys.flatten()).unflatten(-1, keys.shape)
+        if self.weights is None:
+            return picked
+        return torch.einsum("...k,krc->...rc", picked, self.weights.to(picked))
 
     def to(self, device: torch.device | str) -> Layout:
-        return Layout(self.keys.to(device), self.view)
+        return Layout(self.keys.to(device), self.view, None if self.weights is None else self.weights.to(device))
 
 
 class Adapter:
@@ -55,6 +71,12 @@ class Adapter:
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module that can be captured, each with a ``layer_idx``."""
         return [layer.self_attn for layer in model.get_decoder().layers]
+
+    def watch(self, model: nn.Module, recording: Callable[[], bool]) -> list:
+        """Forward hooks on modules besides the captured attention whose forward the maps also
+        need (IDEFICS' perceiver resampler); ``recording()`` is True during a recorded forward.
+        Returns the hooks' handles, which ``AttentionCapture.close`` removes."""
+        return []
 
     def default_layers(self, layers: list[int]) -> list[int]:
         """Self-attention models: the middle half of the decoder (L/4 ≤ i < 3L/4).
@@ -83,7 +105,7 @@ class Adapter:
     ) -> list[torch.Tensor | None]:
         """Per sample, its (…, S) probabilities on the image's patch grid (…, rows, cols), or None."""
         return [
-            None if layout is None else sample[..., layout.keys]
+            None if layout is None else layout.grid(sample)
             for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image))
         ]
 
@@ -127,11 +149,7 @@ def place_on_layouts(probs: torch.Tensor, layouts: list[Layout | None], size: in
         if layout is None:
             placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
         else:
-            # index_select, not advanced indexing: its backward is an index_add, where advanced
-            # indexing's is a sorting index_put that took a fifth of an 11B step on a GPU (BENCHMARKS.md)
-            keys = layout.keys.to(sample.device)
-            grid = sample.index_select(-1, keys.flatten()).unflatten(-1, keys.shape)
-            placed.append(place_grid(grid, layout.view, size))
+            placed.append(place_grid(layout.grid(sample), layout.view, size))
     return torch.stack(placed)
 
 
