@@ -15,7 +15,7 @@ import yaml
 from lavender.cli import build_parser
 from training_fixtures import run_keys, train_logs, write_records, write_targets
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl", "minicpmv"]
 
 
 def _cli(*argv: str) -> int:

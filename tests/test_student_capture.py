@@ -74,7 +74,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, mllama, qwen2_5_vl, qwen2_vl, qwen3_vl"):
+    with pytest.raises(ValueError, match="supported: gemma3, idefics3, internvl, llava, llava_next, llava_onevision, minicpmv, mllama, qwen2_5_vl, qwen2_vl, qwen3_vl"):
         get_adapter(model)
 
 

@@ -40,6 +40,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
 from lavender.student.adapters.base import place_on_layouts
+from lavender.student.geometry import place_grid
 
 ATTENTION_NAME = "lavender"
 
@@ -175,9 +176,23 @@ class AttentionCapture:
         weights = word_weights(word_rows, recording.query_positions.shape[1])  # (B, W, Q)
 
         layouts = self.adapter.layouts(inputs, image_sizes, image)  # once: every layer and chunk shares them
+        composed = any(layout is not None and layout.weights is not None for layout in layouts)
 
         def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
             return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
+
+        if composed:
+            # Image tokens made by a resampler: _WordMaps keeps only the image tokens' columns, and
+            # the composition with the resampler's attention (which carries its own gradient) and
+            # the placement happen outside it, on (B, H, W, tokens): no rows × keys tensor either.
+            width = max(len(layout.keys) for layout in layouts if layout is not None)
+
+            def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, tokens)
+                return torch.stack([
+                    word_probs.new_zeros(*sample.shape[:-1], width) if layout is None
+                    else nn.functional.pad(sample[..., layout.keys], (0, width - len(layout.keys)))
+                    for sample, layout in zip(word_probs, layouts)
+                ])
 
         index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
         maps = []
@@ -185,6 +200,8 @@ class AttentionCapture:
             logits = recording.logits[layer]
             maps.append(_WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows,
                                         index, place, logits.scaling, logits.causal))
+        if composed:
+            maps = [_place_tokens(tokens, layouts, size) for tokens in maps]
         self._check_gradient(maps[0])
         self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
@@ -461,6 +478,19 @@ def _word_means(probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:
     picked = by_row.index_select(0, index.sample * queries + index.row) * index.scale[:, None, None]  # (pairs, H, S)
     out = probs.new_zeros(index.batch * index.words, heads, keys).index_add(0, index.slot, picked)
     return out.view(index.batch, index.words, heads, keys).transpose(1, 2)
+
+
+def _place_tokens(tokens: torch.Tensor, layouts, size: int) -> torch.Tensor:
+    """(B, H, W, K) attention to each sample's image tokens (its ``layout.keys``, zero-padded to K)
+    → (B, H, W, size, size) through each layout's ``weights``."""
+    placed = []
+    for sample, layout in zip(tokens, layouts):
+        if layout is None:
+            placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
+        else:
+            grid = torch.einsum("...k,krc->...rc", sample[..., : len(layout.keys)], layout.weights.to(sample.dtype))
+            placed.append(place_grid(grid, layout.view, size))
+    return torch.stack(placed)
 
 
 def _in_backward() -> bool:

@@ -26,7 +26,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl",
+         "minicpmv")
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -491,6 +492,36 @@ def build_tiny_gemma3(seed: int = 0) -> tuple[PreTrainedModel, object]:
     return model, processor
 
 
+def build_tiny_minicpmv(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """MiniCPM-Llama3-V-2.5 layout (the package's native model): Idefics2 vision tower (patch 7),
+    resampler of 8 queries per view with 2 heads (hidden 256 = 2 × 128, the published head width),
+    Llama decoder; images over 28² px are a source view plus up to 4 slices of about 28² px."""
+    from lavender.student.minicpmv import (
+        MiniCPMVConfig,
+        MiniCPMVForConditionalGeneration,
+        MiniCPMVImageProcessor,
+        MiniCPMVProcessor,
+    )
+
+    views = ["<unk>", "<image>", "</image>", "<slice>", "</slice>"]
+    tokenizer = _tokenizer([*MLLAMA_SPECIAL_TOKENS, *views], *MLLAMA_BOS_EOS_PAD, unk_token="<unk>")
+    template = chat_template("(<image>./</image>)\\n", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n",
+                             "<|eot_id|>", bos="{{ bos_token }}")
+    image_processor = MiniCPMVImageProcessor(max_slice_nums=4, scale_resolution=28, patch_size=7, image_feature_size=8)
+    processor = MiniCPMVProcessor(image_processor, tokenizer, chat_template=template)
+    config = MiniCPMVConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=7),
+        query_num=8, image_size=28, patch_size=7,
+        slice_config=dict(max_slice_nums=4, scale_resolution=28, patch_size=7),
+        image_token_id=tokenizer.convert_tokens_to_ids("<unk>"),
+    )
+    return _seeded(seed, MiniCPMVForConditionalGeneration, config), processor
+
+
 BUILDERS: dict[str, Callable] = {
     "llava": build_tiny_llava,
     "mllama": build_tiny_mllama,
@@ -502,6 +533,7 @@ BUILDERS: dict[str, Callable] = {
     "llava_onevision": build_tiny_llava_onevision,
     "idefics3": build_tiny_idefics3,
     "internvl": build_tiny_internvl,
+    "minicpmv": build_tiny_minicpmv,
 }
 
 

@@ -11,6 +11,7 @@ from lavender.student.adapters import (  # noqa: F401  (they register themselves
     internvl,
     llava,
     llava_next,
+    minicpmv,
     mllama,
     qwen2_vl,
 )

@@ -33,10 +33,21 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 @dataclass
 class Layout:
     """One image of one sample: ``keys (rows, cols)``, the key index of each grid cell, and the
-    grid's ``view`` on the original image."""
+    grid's ``view`` on the original image.
+
+    Image tokens that are not grid cells (resampler queries) give ``keys (K,)`` and ``weights
+    (K, rows, cols)``: the grid is then ``probs[..., keys] @ weights``, each token's attention
+    spread over the patches it was made from (see ``adapters/minicpmv.py``)."""
 
     keys: torch.Tensor
     view: View
+    weights: torch.Tensor | None = None
+
+    def grid(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, S) probabilities over the keys → (…, rows, cols) on this image's patch grid."""
+        if self.weights is None:
+            return probs[..., self.keys]
+        return torch.einsum("...k,krc->...rc", probs[..., self.keys], self.weights.to(probs.dtype))
 
 
 class Adapter:
@@ -80,7 +91,7 @@ class Adapter:
     ) -> list[torch.Tensor | None]:
         """Per sample, its (…, S) probabilities on the image's patch grid (…, rows, cols), or None."""
         return [
-            None if layout is None else sample[..., layout.keys]
+            None if layout is None else layout.grid(sample)
             for sample, layout in zip(probs, self.layouts(inputs, image_sizes, image))
         ]
 
@@ -124,7 +135,7 @@ def place_on_layouts(probs: torch.Tensor, layouts: list[Layout | None], size: in
         if layout is None:
             placed.append(sample.new_zeros(*sample.shape[:-1], size, size))
         else:
-            placed.append(place_grid(sample[..., layout.keys], layout.view, size))
+            placed.append(place_grid(layout.grid(sample), layout.view, size))
     return torch.stack(placed)
 
 
