@@ -8,7 +8,8 @@ from PIL import Image
 
 from lavender.tiny.vlm import build_tiny_vlm
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
+KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl",
+         "minicpmv")
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),

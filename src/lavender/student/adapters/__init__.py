@@ -28,7 +28,9 @@ def get_adapter(model: nn.Module, processor=None) -> Adapter:
             f"no Lavender adapter for model_type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. "
             "Adding one is a small file in lavender/student/adapters/."
         )
-    return ADAPTERS[model_type](config, getattr(processor, "image_processor", processor))
+    adapter = ADAPTERS[model_type](config, getattr(processor, "image_processor", processor))
+    adapter.bind(model)
+    return adapter
 
 
 __all__ = ["ADAPTERS", "Adapter", "get_adapter", "register_adapter"]

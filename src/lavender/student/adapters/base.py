@@ -60,6 +60,10 @@ class Adapter:
         self.config = config  # the model's top-level config
         self.image_processor = image_processor  # where the geometry comes from; None: no full-image placement
 
+    def bind(self, model: nn.Module) -> None:
+        """``get_adapter`` hands the model over once; an adapter whose maps need more of it than
+        the captured attention (MiniCPM-V: its resampler's attention) keeps what it needs."""
+
     def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         """Every attention module that can be captured, each with a ``layer_idx``."""
         return [layer.self_attn for layer in model.get_decoder().layers]

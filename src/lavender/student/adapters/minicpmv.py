@@ -42,10 +42,12 @@ class MiniCPMVAdapter(Adapter):
         super().__init__(config, image_processor)
         self._resampler = None
 
-    def attention_modules(self, model):
-        # the capture calls this once with the transformers model: the maps also need its resampler
-        self._resampler = model.resampler
-        return super().attention_modules(model)
+    def bind(self, model):
+        from lavender.student.minicpmv.resampler import Resampler
+
+        self._resampler = next((m for m in model.modules() if isinstance(m, Resampler)), None)
+        if self._resampler is None:
+            raise ValueError("a minicpmv model without the resampler of lavender.student.minicpmv")
 
     def layouts(self, inputs, image_sizes, image=0):
         if self._resampler is None or self._resampler.last_attention is None:
