@@ -66,6 +66,16 @@ CASES = {
     # on the token along the long side
     "gemma3": [("square", 64, 64, 16, 32, 16), ("wide", 128, 64, 16, 104, 16), ("tall", 64, 128, 72, 16, 16)],
     "qwen2_5_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
+    # MiniCPM-V: views of about 28² px, patch 7; 112² px → 2×2 slices of 4×4 patches (14 px of the
+    # image each); 224×112 → 3 slices side by side of 5×3 patches (rows × cols), joined 5×9 (a patch
+    # is 24.9×22.4 px of the image), and its transpose; 28² px → the source view alone (4×4
+    # patches). Regions sit inside one joined patch.
+    "minicpmv": [
+        ("square", 112, 112, 28, 70, 14),
+        ("wide", 224, 112, 45, 126, 22),
+        ("tall", 112, 224, 126, 45, 22),
+        ("unsliced", 28, 28, 7, 14, 7),
+    ],
 }
 
 
