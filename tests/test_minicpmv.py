@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, Idefics2VisionConfig, Llam
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
 from lavender.student import AttentionCapture
-from lavender.student.minicpmv import MiniCPMVConfig, MiniCPMVImageProcessor
+from lavender.student.minicpmv import MiniCPMVImageProcessor
 from lavender.student.minicpmv.resampler import Resampler, sincos_2d
 from lavender.tiny.vlm import build_tiny_vlm
 from student_helpers import make_batch, noise_image
@@ -150,3 +150,29 @@ def test_maps_carry_gradient_into_the_resampler():
     # through A(query → patch) itself, not only through the image tokens' embeddings in the LLM
     (grad,) = torch.autograd.grad(maps.square().sum(), model.resampler.last_attention)
     assert grad[1:].abs().sum() > 0 and grad[0].abs().sum() == 0  # the slices make the map; the source does not
+
+
+def test_layouts_follow_image_grids_across_images_and_samples():
+    model, processor = build_tiny_vlm("minicpmv")
+    turn = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}]
+    texts = [processor.apply_chat_template([{"role": "user", "content": turn}]),
+             processor.apply_chat_template([{"role": "user", "content": turn[1:]}])]
+    images = [[noise_image(64, 64, 0), noise_image(28, 28, 1)], [noise_image(112, 56, 2)]]
+    inputs = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    assert inputs["image_grids"].tolist() == [[2, 2], [0, 0], [1, 3]]  # 5 + 1 + 4 views
+    capture = AttentionCapture(model, layers=[0], processor=processor)
+    with torch.no_grad(), capture.record(torch.tensor([[0], [0]])):
+        model(**inputs)
+    attention = model.resampler.last_attention
+    runs = [(ids == model.config.image_token_id).nonzero().squeeze(-1).view(-1, 8) for ids in inputs["input_ids"]]
+
+    first, second = capture.adapter.layouts(inputs, None, image=1)
+    assert second is None  # sample 1 has one image
+    assert torch.equal(first.keys, runs[0][5])  # the unsliced image: its source view, after image 0's 5 views
+    assert torch.equal(first.weights, attention[5, :, :16].view(8, 4, 4))
+    _, only = capture.adapter.layouts(inputs, None, image=0)
+    assert torch.equal(only.keys, runs[1][1:].flatten())  # the slices, not the source
+    h, w = inputs["tgt_sizes"][7].tolist()
+    assert only.weights.shape == (24, h, 3 * w)
+    assert torch.equal(only.weights[8:16, :, w : 2 * w], attention[8, :, : h * w].view(8, h, w))  # middle slice
+    assert only.weights[8:16, :, :w].abs().sum() == 0 and only.weights[8:16, :, 2 * w :].abs().sum() == 0

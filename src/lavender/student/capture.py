@@ -177,22 +177,19 @@ class AttentionCapture:
 
         layouts = self.adapter.layouts(inputs, image_sizes, image)  # once: every layer and chunk shares them
         composed = any(layout is not None and layout.weights is not None for layout in layouts)
+        # Image tokens made by a resampler: _WordMaps keeps only the image tokens' columns, and
+        # the composition with the resampler's attention (which carries its own gradient) and the
+        # placement happen outside it, on (B, H, W, tokens): no rows × keys tensor either.
+        width = max((len(layout.keys) for layout in layouts if layout is not None), default=0)
 
-        def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, size, size)
-            return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
-
-        if composed:
-            # Image tokens made by a resampler: _WordMaps keeps only the image tokens' columns, and
-            # the composition with the resampler's attention (which carries its own gradient) and
-            # the placement happen outside it, on (B, H, W, tokens): no rows × keys tensor either.
-            width = max(len(layout.keys) for layout in layouts if layout is not None)
-
-            def place(word_probs: torch.Tensor) -> torch.Tensor:  # (B, H, W, S) → (B, H, W, tokens)
-                return torch.stack([
-                    word_probs.new_zeros(*sample.shape[:-1], width) if layout is None
-                    else nn.functional.pad(sample[..., layout.keys], (0, width - len(layout.keys)))
-                    for sample, layout in zip(word_probs, layouts)
-                ])
+        def place(word_probs: torch.Tensor) -> torch.Tensor:
+            if not composed:  # (B, H, W, S) → (B, H, W, size, size)
+                return place_on_layouts(word_probs[:, None], layouts, size)[:, 0]
+            return torch.stack([  # (B, H, W, S) → (B, H, W, tokens)
+                word_probs.new_zeros(*sample.shape[:-1], width) if layout is None
+                else nn.functional.pad(sample[..., layout.keys], (0, width - len(layout.keys)))
+                for sample, layout in zip(word_probs, layouts)
+            ])
 
         index = _WordIndex.of(weights.to(recording.logits[self.layers[0]].query.device))
         maps = []

@@ -21,7 +21,6 @@ the same positions).
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import GenerationMixin, Idefics2VisionConfig, LlamaForCausalLM, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
