@@ -45,7 +45,7 @@ def _average_patches(conv: torch.nn.Module) -> None:
 
 def look_at_bright_patches(model, kind: str) -> list:
     """Hooks (and patch-embedding weights) that make text rows attend to the brightest patch."""
-    inner = model.model
+    inner = getattr(model, "model", model)  # MiniCPM-V keeps its parts on the model itself
     language_model = model.get_decoder()
     seen: dict[str, torch.Tensor] = {}
     hooks = []
@@ -146,6 +146,32 @@ def look_at_bright_patches(model, kind: str) -> list:
                 lambda module, args, output: brightness_features(seen["windows"], output)),
             inner.merger.mlp[0].register_forward_hook(
                 lambda module, args, output: brightness_features(args[0][..., ::width].mean(-1), output)),
+        ]
+    elif kind == "minicpmv":
+        # the tower's output carries each patch's brightness; the resampler's own attention (q a
+        # constant, k = SHARPNESS × the normalised brightness channel + its position table) picks
+        # each view's brightest patch, and each query token carries the brightness it attended to
+        tower, resampler = model.vpm, model.resampler
+        _average_patches(tower.embeddings.patch_embedding)
+        hidden, head = resampler.embed_dim, resampler.embed_dim // resampler.attn.num_heads
+        with torch.no_grad():
+            resampler.kv_proj.weight.zero_()
+            resampler.kv_proj.weight[0, 0] = 1.0
+            resampler.attn.in_proj_weight.zero_()
+            resampler.attn.in_proj_bias.zero_()
+            for h in range(resampler.attn.num_heads):
+                resampler.attn.in_proj_bias[h * head] = 1.0  # query: 1 on each head's first channel
+                resampler.attn.in_proj_weight[hidden + h * head, 0] = SHARPNESS  # key: the brightness
+
+        def resampled(module, args, output):  # (views, queries, hidden): the brightness each query saw
+            brightness = seen["patches"][:, 0].flatten(1)[:, : module.last_attention.shape[-1]]
+            return brightness_features((module.last_attention @ brightness[..., None])[..., 0], output)
+
+        hooks += [
+            tower.embeddings.patch_embedding.register_forward_hook(remember("patches")),
+            tower.post_layernorm.register_forward_hook(
+                lambda module, args, output: brightness_features(seen["patches"][:, 0].flatten(1), output)),
+            resampler.register_forward_hook(resampled),
         ]
     elif kind == "mllama":
         _average_patches(inner.vision_model.patch_embedding)

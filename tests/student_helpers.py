@@ -8,10 +8,11 @@ from PIL import Image
 
 from lavender.tiny.vlm import build_tiny_vlm
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
-KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-KINDS += ("smolvlm", "paligemma")
-KINDS += ("minicpmv4_6", "minicpmv4_7")
+KINDS = (
+    "llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",
+    "llava_next", "llava_onevision", "idefics3", "internvl", "qwen3_vl_moe", "qwen3_5",
+    "qwen3_5_moe", "smolvlm", "paligemma", "minicpmv4_6", "minicpmv4_7", "minicpmv",
+)
 
 CONVERSATIONS = [
     ("what is this?", "a red cube"),

@@ -15,11 +15,11 @@ import yaml
 from lavender.cli import build_parser
 from training_fixtures import run_keys, train_logs, write_records, write_targets
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl"]
-FAMILIES += ["qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
-FAMILIES += ["smolvlm", "paligemma"]
-FAMILIES += ["minicpmv4_6", "minicpmv4_7"]
-FAMILIES += ["idefics"]
+FAMILIES = [
+    "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3",
+    "internvl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "smolvlm", "paligemma",
+    "minicpmv4_6", "minicpmv4_7", "idefics", "minicpmv",
+]
 
 
 def _cli(*argv: str) -> int:

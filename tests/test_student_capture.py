@@ -49,7 +49,7 @@ def test_maps_shape_grad_and_query_mask(kind):
         model(**inputs)
     maps = capture.maps(inputs, size=8)
     batch, queries = positions.shape
-    heads = model.config.text_config.num_attention_heads
+    heads = model.config.get_text_config().num_attention_heads
     assert maps.shape == (batch, len(capture.layers), heads, queries, 8, 8)
     assert maps.dtype == torch.float32 and maps.requires_grad
     # answer rows see the image; padding (-1) and rows 0/1 of the left-padded second sample do not

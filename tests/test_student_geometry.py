@@ -86,6 +86,16 @@ CASES = {
         ("wide_stretched", 168, 112, 45, 115, 22),
         ("wide_unsliced", 112, 56, 19, 75, 19),
     ],
+    # MiniCPM-V: views of about 28² px, patch 7; 112² px → 2×2 slices of 4×4 patches (14 px of the
+    # image each); 224×112 → 3 slices side by side of 5×3 patches (rows × cols), joined 5×9 (a patch
+    # is 24.9×22.4 px of the image), and its transpose; 28² px → the source view alone (4×4
+    # patches). Regions sit inside one joined patch.
+    "minicpmv": [
+        ("square", 112, 112, 28, 70, 14),
+        ("wide", 224, 112, 45, 126, 22),
+        ("tall", 112, 224, 126, 45, 22),
+        ("unsliced", 28, 28, 7, 14, 7),
+    ],
 }
 CASES["minicpmv4_7"] = CASES["minicpmv4_6"]  # 4.6's processor and tower
 

@@ -2,7 +2,8 @@
 
 Each builder returns ``(model, processor)``: a real ``…ForConditionalGeneration`` of its family
 (``KINDS``: LLaVA-1.5, Mllama, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3, LLaVA-NeXT,
-LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, SmolVLM, PaliGemma, MiniCPM-V 4.6 and 4.7) a few hundred kilobytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
+LLaVA-OneVision, Idefics3, InternVL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, SmolVLM, PaliGemma, MiniCPM-V 4.6 and 4.7, IDEFICS,
+and the native MiniCPM-Llama3-V-2.5) a few hundred kilobytes to a few megabytes big, with its real processor class, a byte-level BPE tokenizer trained locally (no hub
 access) and a chat template in the style of the original model (PaliGemma has none). ``save_tiny_vlm`` writes both
 with ``save_pretrained`` so that ``AutoProcessor.from_pretrained(dir)`` and
 ``AutoModelForImageTextToText.from_pretrained(dir)`` load them like any checkpoint (without
@@ -28,11 +29,12 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-KINDS = ("llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "llava_next", "llava_onevision", "idefics3", "internvl")
-KINDS += ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
-KINDS += ("smolvlm", "paligemma")
-KINDS += ("minicpmv4_6", "minicpmv4_7")
-KINDS += ("idefics",)
+KINDS = (
+    "llava", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",
+    "llava_next", "llava_onevision", "idefics3", "internvl", "qwen3_vl_moe", "qwen3_5",
+    "qwen3_5_moe", "smolvlm", "paligemma", "minicpmv4_6", "minicpmv4_7", "idefics",
+    "minicpmv",
+)
 
 # A few sentences so the BPE learns some merges; every byte is in the alphabet anyway.
 _CORPUS = [
@@ -722,6 +724,8 @@ def build_tiny_paligemma(seed: int = 0) -> tuple[PreTrainedModel, object]:
         hidden_size=32,
     )
     return _seeded(seed, PaliGemmaForConditionalGeneration, config), processor
+
+
 IDEFICS_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | capitalize + ':' }}"
     "{% if message['content'] is string %}{{ ' ' + message['content'] }}{% else %}"
@@ -770,6 +774,36 @@ def build_tiny_idefics(seed: int = 0, use_resampler: bool = True) -> tuple[PreTr
     return model, processor
 
 
+def build_tiny_minicpmv(seed: int = 0) -> tuple[PreTrainedModel, object]:
+    """MiniCPM-Llama3-V-2.5 layout (the package's native model): Idefics2 vision tower (patch 7),
+    resampler of 8 queries per view with 2 heads (hidden 256 = 2 × 128, the published head width),
+    Llama decoder; images over 28² px are a source view plus up to 4 slices of about 28² px."""
+    from lavender.student.minicpmv import (
+        MiniCPMVConfig,
+        MiniCPMVForConditionalGeneration,
+        MiniCPMVImageProcessor,
+        MiniCPMVProcessor,
+    )
+
+    views = ["<unk>", "<image>", "</image>", "<slice>", "</slice>"]
+    tokenizer = _tokenizer([*MLLAMA_SPECIAL_TOKENS, *views], *MLLAMA_BOS_EOS_PAD, unk_token="<unk>")
+    template = chat_template("(<image>./</image>)\\n", "<|start_header_id|>ROLE<|end_header_id|>\\n\\n",
+                             "<|eot_id|>", bos="{{ bos_token }}")
+    image_processor = MiniCPMVImageProcessor(max_slice_nums=4, scale_resolution=28, patch_size=7, image_feature_size=8)
+    processor = MiniCPMVProcessor(image_processor, tokenizer, chat_template=template)
+    config = MiniCPMVConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=56, patch_size=7),
+        query_num=8, image_size=28, patch_size=7,
+        slice_config=dict(max_slice_nums=4, scale_resolution=28, patch_size=7),
+        image_token_id=tokenizer.convert_tokens_to_ids("<unk>"),
+    )
+    return _seeded(seed, MiniCPMVForConditionalGeneration, config), processor
+
+
 BUILDERS: dict[str, Callable] = {
     "llava": build_tiny_llava,
     "mllama": build_tiny_mllama,
@@ -789,6 +823,7 @@ BUILDERS: dict[str, Callable] = {
     "minicpmv4_6": build_tiny_minicpmv4_6,
     "minicpmv4_7": build_tiny_minicpmv4_7,
     "idefics": build_tiny_idefics,
+    "minicpmv": build_tiny_minicpmv,
 }
 
 

@@ -32,10 +32,11 @@ QUERY_ROWS = ("word", "predicting")  # a word's own token rows, or the rows that
 DTYPES = ("bfloat16", "float16", "float32")
 WARMUPS = ("aligner", "alignment")  # what the first aligner_warmup_steps train (see LavenderArguments)
 # where vision towers sit in transformers' VLMs (every supported family)
-VISION_TOWERS = ("vision_model", "vision_tower", "visual")
-# where their language models sit (Idefics3 calls it text_model; IDEFICS has no language-model
-# module: its decoder and gated cross-attention layers sit in the base model itself)
-LANGUAGE_MODELS = ("language_model", "text_model", r"model\.layers", r"model\.gated_cross_attn_layers")
+VISION_TOWERS = ("vision_model", "vision_tower", "visual", "vpm")
+# where their language models sit (Idefics3 calls it text_model, MiniCPM-V llm and its vision tower
+# vpm; IDEFICS has no language-model module: its decoder and gated cross-attention layers sit in
+# the base model itself)
+LANGUAGE_MODELS = ("language_model", "text_model", "llm", r"model\.layers", r"model\.gated_cross_attn_layers")
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).

@@ -13,6 +13,7 @@ from lavender.student.adapters import (  # noqa: F401  (they register themselves
     llava,
     llava_next,
     minicpmv4_6,
+    minicpmv,
     mllama,
     paligemma,
     qwen2_vl,

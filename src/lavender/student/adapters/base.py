@@ -73,9 +73,10 @@ class Adapter:
         return [layer.self_attn for layer in model.get_decoder().layers]
 
     def watch(self, model: nn.Module, recording: Callable[[], bool]) -> list:
-        """Forward hooks on modules besides the captured attention whose forward the maps also
-        need (IDEFICS' perceiver resampler); ``recording()`` is True during a recorded forward.
-        Returns the hooks' handles, which ``AttentionCapture.close`` removes."""
+        """Where the maps need more of the model's forward than the captured attention (a
+        resampler's attention: IDEFICS, MiniCPM-V 2.5), the adapter hooks or keeps those modules
+        here; ``recording()`` is True during a recorded forward. Returns the hooks' handles,
+        which ``AttentionCapture.close`` removes."""
         return []
 
     def default_layers(self, layers: list[int]) -> list[int]:
