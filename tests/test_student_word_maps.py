@@ -35,6 +35,7 @@ def keys_of(model, inputs) -> int:
 def test_placing_word_means_equals_averaging_placed_rows_in_float64(kind):
     model, inputs, _ = tiny_batch(kind)
     adapter = get_adapter(model, build_tiny_vlm(kind, 0)[1])  # the processor: placement on the whole image
+    adapter.watch(model, lambda: False)  # as a capture does (MiniCPM-V 2.5 keeps its resampler)
     probs = torch.rand(2, 2, 3, 4, keys_of(model, inputs), dtype=torch.float64)  # B, L, H, Q, S
 
     place_then_mean = word_maps(adapter.place(probs, inputs, 7, IMAGE_SIZES), WORD_ROWS)
