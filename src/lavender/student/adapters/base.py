@@ -47,9 +47,10 @@ class Layout:
     def grid(self, probs: torch.Tensor) -> torch.Tensor:
         """(…, S) probabilities over the keys → (…, rows, cols) on this image's patch grid."""
         keys = self.keys.to(probs.device)
-        # index_select, not advanced indexing: its backward is an index_add, where advanced
-        # indexing's is a sorting index_put that took a fifth of an 11B step on a GPU (BENCHMARKS.md)
-        picked = probs.index_select(-1, keys.flatten()).unflatten(-1, keys.shape)
+        # gather, not advanced indexing: its backward is a scatter_add, where advanced indexing's
+        # is a sorting index_put that took a fifth of an 11B step on a GPU; and not index_select,
+        # which along the last dimension is 7× slower on a CPU (BENCHMARKS.md)
+        picked = probs.gather(-1, keys.flatten().expand(*probs.shape[:-1], -1)).unflatten(-1, keys.shape)
         if self.weights is None:
             return picked
         return torch.einsum("...k,krc->...rc", picked, self.weights.to(picked))
