@@ -40,7 +40,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
 from lavender.student.adapters.base import place_on_layouts
-from lavender.student.geometry import place_grid
 
 ATTENTION_NAME = "lavender"
 
