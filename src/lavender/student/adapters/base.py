@@ -164,10 +164,17 @@ def rows_after_layouts(inputs: dict, positions: torch.Tensor, layouts: list[Layo
     input_ids = inputs["input_ids"]
     last_image = torch.tensor(
         [-1 if layout is None else int(layout.keys.max()) for layout in layouts], device=input_ids.device
-    )
-    positions = positions.to(input_ids.device)
+    )[:, None]
+    sequence = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    return rows_that_see(inputs, positions, (last_image >= 0) & (sequence > last_image))
+
+
+def rows_that_see(inputs: dict, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """(B, Q) bool: the rows ``positions`` (B, Q) that exist (not -1, not padding by the
+    ``attention_mask``) and that ``sees`` (B, T) bool marks as seeing the image."""
+    positions = positions.to(sees.device)
     rows = positions.clamp(min=0)
-    visible = (positions >= 0) & (last_image[:, None] >= 0) & (rows > last_image[:, None])
+    visible = (positions >= 0) & sees.gather(1, rows)
     if inputs.get("attention_mask") is not None:
         visible &= inputs["attention_mask"].gather(1, rows).bool()
     return visible
