@@ -180,6 +180,21 @@ def rows_that_see(inputs: dict, positions: torch.Tensor, sees: torch.Tensor) -> 
     return visible
 
 
+def tiles_per_row(runs: list[torch.Tensor], same_row_gap: int) -> int:
+    """How many of an image's tiles (runs of image tokens, row-major) make one row: two tiles of a
+    row are ``same_row_gap`` tokens apart, a new row puts more between them (its newline)."""
+    gaps = [int(after[0] - before[-1] - 1) for before, after in zip(runs, runs[1:])]
+    return next((i + 1 for i, gap in enumerate(gaps) if gap > same_row_gap), len(runs))
+
+
+def join_tiles(tiles: torch.Tensor, cols: int) -> torch.Tensor:
+    """(n, h, w) equal tiles, row-major with ``cols`` per row → one (n/cols·h, cols·w) grid: token
+    (i, j) of tile (r, c) at cell (r·h + i, c·w + j)."""
+    n, height, width = tiles.shape
+    rows = n // cols
+    return tiles.view(rows, cols, height, width).permute(0, 2, 1, 3).reshape(rows * height, cols * width)
+
+
 def image_runs(columns: torch.Tensor) -> list[torch.Tensor]:
     """Split ascending image-token positions into the runs of consecutive positions (one per image)."""
     if len(columns) == 0:
