@@ -172,13 +172,7 @@ def build_tiny_mllama(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = MllamaConfig(vision_config=vision, text_config=text,
                           image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
     model = _seeded(seed, MllamaForConditionalGeneration, config)
-    # Random init leaves the tanh gates at 0, which would hide the cross-attention layers
-    # from the output; open them so the tiny model behaves like a trained one.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                parameter.fill_(0.5)
-    return model, processor
+    return _open_gates(model, ("cross_attn_attn_gate", "cross_attn_mlp_gate")), processor
 
 
 def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
@@ -227,7 +221,7 @@ def build_tiny_qwen3_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3VLConfig(
         vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
         text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE,
-                         **_qwen3_text(processor.tokenizer)),
+                         **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3VLForConditionalGeneration, config), processor
@@ -242,7 +236,7 @@ def build_tiny_qwen3_vl_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3VLMoeConfig(
         vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
         text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE, num_experts=4,
-                         num_experts_per_tok=2, moe_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+                         num_experts_per_tok=2, moe_intermediate_size=16, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3VLMoeForConditionalGeneration, config), processor
@@ -267,7 +261,7 @@ def build_tiny_qwen3_5(seed: int = 0) -> tuple[PreTrainedModel, object]:
     processor, ids = _qwen3_vl_processor()
     config = Qwen3_5Config(
         vision_config=_QWEN3_VISION,
-        text_config=dict(_QWEN3_5_TEXT, **_qwen3_text(processor.tokenizer)),
+        text_config=dict(_QWEN3_5_TEXT, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3_5ForConditionalGeneration, config), processor
@@ -281,7 +275,7 @@ def build_tiny_qwen3_5_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3_5MoeConfig(
         vision_config=_QWEN3_VISION,
         text_config=dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+                         shared_expert_intermediate_size=16, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3_5MoeForConditionalGeneration, config), processor
@@ -297,8 +291,8 @@ def _qwen3_vl_processor():
     )
 
 
-def _qwen3_text(tokenizer) -> dict:
-    """The text-config entries every tiny Qwen3 decoder shares."""
+def _qwen_text(tokenizer) -> dict:
+    """The text-config entries every tiny Qwen decoder shares."""
     return dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT)
 
@@ -334,18 +328,11 @@ def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProc
 
 
 def _qwen_vl_text(tokenizer, ids) -> dict:
-    """The text config and special token ids shared by the tiny Qwen-VL models."""
+    """The text config and special token ids shared by the tiny Qwen2-VL and Qwen2.5-VL."""
     return dict(
-        text_config=dict(
-            vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-            **_TEXT,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        text_config=dict(num_hidden_layers=2, **_qwen_text(tokenizer),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        **_qwen_image_tokens(ids),
     )
 
 
@@ -765,13 +752,7 @@ def build_tiny_idefics(seed: int = 0, use_resampler: bool = True) -> tuple[PreTr
                               resampler_n_heads=2, resampler_head_dim=8),
     )
     model = _seeded(seed, IdeficsForVisionText2Text, config)
-    # The tanh gates start at 0 (alpha_initializer "zeros"), which would hide the cross-attention
-    # layers from the output; open them as in a trained model.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                parameter.fill_(0.5)
-    return model, processor
+    return _open_gates(model, ("alpha_cross_attn", "alpha_dense")), processor
 
 
 def build_tiny_minicpmv(seed: int = 0) -> tuple[PreTrainedModel, object]:
@@ -842,6 +823,18 @@ def save_tiny_vlm(kind: str, path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def _open_gates(model: PreTrainedModel, names: tuple[str, ...]) -> PreTrainedModel:
+    """Set the tanh gates of gated cross-attention layers (parameters ending in ``names``) to 0.5.
+
+    They start at 0 (Mllama, IDEFICS), which would hide the cross-attention layers from the
+    output; open them so the tiny model behaves like a trained one."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(names):
+                parameter.fill_(0.5)
+    return model
 
 
 def _seeded(seed: int, model_class, config):
