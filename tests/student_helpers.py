@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from lavender.alignment import word_maps
+from lavender.student import AttentionCapture
 from lavender.tiny.vlm import build_tiny_vlm
 
 KINDS = (
@@ -63,3 +65,24 @@ def tiny_batch(kind: str, seed: int = 0):
     length = inputs["input_ids"].shape[1]
     positions = torch.tensor([[length - 1, length - 3, length - 5, -1], [length - 2, 0, length - 4, 1]])
     return model, inputs, positions
+
+
+# per sample, words as rows of tiny_batch's 4 positions (-1 = padding); a word without rows too
+WORD_ROWS = torch.tensor([[[0, 2, -1], [1, -1, -1], [-1, -1, -1]], [[0, 2, 3], [2, -1, -1], [3, 1, -1]]])
+IMAGE_SIZES = [(60, 100), (130, 60)]  # tiny_batch's images, (height, width)
+
+
+def word_map_grads(model, processor, inputs, positions, per_word: bool, weights: torch.Tensor):
+    """``(maps, LoRA gradients)`` of ``(maps · weights).sum()`` for the words ``WORD_ROWS``, from
+    ``capture.word_maps`` (``per_word``) or from averaging the placed rows of ``capture.maps``."""
+    capture = AttentionCapture(model, processor=processor)
+    with capture.record(positions):
+        model(**inputs)
+    if per_word:
+        maps = capture.word_maps(inputs, WORD_ROWS, size=5, image_sizes=IMAGE_SIZES)
+    else:
+        maps = word_maps(capture.maps(inputs, size=5, image_sizes=IMAGE_SIZES), WORD_ROWS)
+    (maps * weights).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    capture.close()
+    return maps.detach(), grads

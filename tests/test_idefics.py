@@ -14,17 +14,14 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from geometry_helpers import SHARPNESS, _average_patches
-from lavender.alignment import word_maps
 from lavender.student import AttentionCapture
 from lavender.tiny.vlm import build_tiny_idefics
 from lavender.training.data import expand_text
 from lavender.training.setup import loss_over_all_logits
-from student_helpers import make_batch, noise_image
+from student_helpers import IMAGE_SIZES, make_batch, noise_image, word_map_grads
 
 R = 32
 RESAMPLER = [False, True]
-SIZES = [(60, 100), (130, 60)]
-WORD_ROWS = torch.tensor([[[0, 2, -1], [1, -1, -1], [-1, -1, -1]], [[0, 2, 3], [2, -1, -1], [3, 1, -1]]])
 
 
 def batch(use_resampler: bool, seed: int = 0):
@@ -70,7 +67,7 @@ def test_captured_rows_equal_eager_cross_attention_and_output_is_unchanged(use_r
         for b, rows in enumerate(positions):
             rows = rows[rows >= 0]
             torch.testing.assert_close(got[b, :, : len(rows)], reference[layer][b][:, rows], rtol=0, atol=1e-5)
-    maps = capture.maps(inputs, 8, SIZES)
+    maps = capture.maps(inputs, 8, IMAGE_SIZES)
     assert maps.shape == (2, 2, 4, 4, 8, 8) and maps.requires_grad
     assert capture.query_mask.tolist() == [[True, True, True, False], [True, False, True, False]]
     capture.close()
@@ -136,20 +133,6 @@ def lora(model, vision: bool):
     return model
 
 
-def grads_of(model, processor, inputs, positions, per_word: bool, weights: torch.Tensor):
-    capture = AttentionCapture(model, processor=processor)
-    with capture.record(positions):
-        model(**inputs)
-    if per_word:
-        maps = capture.word_maps(inputs, WORD_ROWS, size=5, image_sizes=SIZES)
-    else:
-        maps = word_maps(capture.maps(inputs, size=5, image_sizes=SIZES), WORD_ROWS)
-    (maps * weights).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
-    capture.close()
-    return maps.detach(), grads
-
-
 @pytest.mark.parametrize("use_resampler", RESAMPLER)
 def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(use_resampler):
     base, processor, inputs, positions = batch(use_resampler)
@@ -158,8 +141,8 @@ def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(use_res
     model.train()
     weights = torch.randn(2, 3, 2, 4, 5, 5, generator=torch.Generator().manual_seed(0))
 
-    expected_maps, expected = grads_of(copy.deepcopy(model), processor, inputs, positions, False, weights)
-    maps, got = grads_of(model, processor, inputs, positions, True, weights)
+    expected_maps, expected = word_map_grads(copy.deepcopy(model), processor, inputs, positions, False, weights)
+    maps, got = word_map_grads(model, processor, inputs, positions, True, weights)
 
     assert maps.shape == (2, 3, 2, 4, 5, 5)
     torch.testing.assert_close(maps, expected_maps, rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, Idefics2VisionConfig, LlamaConfig, LlamaForCausalLM
@@ -176,3 +177,13 @@ def test_layouts_follow_image_grids_across_images_and_samples():
     assert only.weights.shape == (24, h, 3 * w)
     assert torch.equal(only.weights[8:16, :, w : 2 * w], attention[8, :, : h * w].view(8, h, w))  # middle slice
     assert only.weights[8:16, :, :w].abs().sum() == 0 and only.weights[8:16, :, 2 * w :].abs().sum() == 0
+
+
+def test_a_refused_capture_leaves_the_model_on_its_attention():
+    """The adapter refuses a minicpmv model without the package's resampler; the capture must not
+    have switched the language model to its attention function before that."""
+    model, _ = build_tiny_vlm("minicpmv")
+    model.resampler = torch.nn.Identity()
+    with pytest.raises(ValueError, match="without the resampler of lavender.student.minicpmv"):
+        AttentionCapture(model)
+    assert model.config.get_text_config()._attn_implementation == "sdpa"

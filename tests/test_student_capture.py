@@ -196,8 +196,9 @@ def test_qwen3_5_captures_its_full_attention_layers_and_refuses_linear_ones(kind
     attention: every full-attention layer can be captured and equals eager attention; a linear
     layer named in ``layers`` is refused with the full-attention layers listed; the default takes
     the full-attention layers in the middle half of the decoder."""
-    from transformers import Qwen3_5Config
+    from transformers import MiniCPMV4_6Config, Qwen3_5Config
 
+    from lavender.student.adapters.minicpmv4_6 import MiniCPMV46Adapter
     from lavender.student.adapters.qwen3_5 import Qwen3_5Adapter
 
     model, inputs, positions = tiny_batch(kind)  # layers: linear, full, linear, full
@@ -226,6 +227,10 @@ def test_qwen3_5_captures_its_full_attention_layers_and_refuses_linear_ones(kind
     full = [i for i, kind in enumerate(config.text_config.layer_types) if kind == "full_attention"]
     assert full == list(range(3, 32, 4))
     assert Qwen3_5Adapter(config).default_layers(full) == [11, 15, 19, 23]
+    # MiniCPM-V 4.6's decoder is Qwen3.5's: the same layers, the same default
+    minicpm = MiniCPMV4_6Config(text_config={"model_type": "qwen3_5_text", "num_hidden_layers": 32})
+    assert minicpm.text_config.layer_types == config.text_config.layer_types
+    assert MiniCPMV46Adapter(minicpm).default_layers(full) == [11, 15, 19, 23]
 
 
 def test_paligemma_prefix_rows_attend_bidirectionally_and_equal_eager_attention():

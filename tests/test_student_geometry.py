@@ -62,8 +62,6 @@ CASES = {
     # PaliGemma: the image stretched to 64 px, 8×8 patches of 8 px, one token each: on the 2:1 images a
     # patch is 16×8 px of the image, so the region fills half of it along the long side, centred in it
     "paligemma": [("square", 64, 64, 16, 40, 8), ("wide", 128, 64, 16, 84, 8), ("tall", 64, 128, 84, 16, 8)],
-    # Qwen3-VL: patch 16, one token per 32 px
-    "qwen3_vl": [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)],
     # InternVL: 56 px tiles of 4×4 tokens (14 px), the grid of 1–4 tiles closest to the aspect ratio:
     # 2×2 for the square, 1×2 and 2×1 for the 2:1 images (halved, so a token is 28 px of them)
     "internvl": [("square", 112, 112, 28, 70, 14), ("wide", 224, 112, 56, 140, 28), ("tall", 112, 224, 140, 56, 28)],
@@ -72,9 +70,10 @@ CASES = {
     # on the token along the long side
     "gemma3": [("square", 64, 64, 16, 32, 16), ("wide", 128, 64, 16, 104, 16), ("tall", 64, 128, 72, 16, 16)],
     "qwen2_5_vl": [("square", 224, 224, 56, 140, 28), ("wide", 280, 140, 56, 196, 28), ("tall", 140, 280, 196, 56, 28)],
-    # Qwen3-VL's grid: the MoE's decoder and Qwen3.5's hybrid one (full-attention layers captured) change no key's place
+    # Qwen3-VL: patch 16, one token per 32 px; the MoE's decoder and Qwen3.5's hybrid one
+    # (full-attention layers captured) change no key's place
     **{kind: [("square", 256, 256, 64, 160, 32), ("wide", 320, 160, 64, 224, 32), ("tall", 160, 320, 224, 64, 32)]
-       for kind in ("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")},
+       for kind in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")},
     # MiniCPM-V: one token per 28 px of a view. Sliced (over 112² px): 2×2, 1×2 and 2×1 slices of 112
     # px (4×4 tokens each) that tile the image exactly; 168×112 is stretched to 140×168 and cut in
     # 1×2 slices of 5×3 tokens, 22.4×28 px of the image each. Not sliced: the source view alone,

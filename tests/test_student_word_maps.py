@@ -14,11 +14,8 @@ from lavender.alignment.head import word_weights
 from lavender.student import AttentionCapture, get_adapter
 from lavender.student import capture as capture_module
 from lavender.tiny.vlm import build_tiny_vlm
-from student_helpers import KINDS, tiny_batch
+from student_helpers import IMAGE_SIZES, KINDS, WORD_ROWS, tiny_batch, word_map_grads
 
-# per sample, words as rows of the capture's 4 positions (-1 = padding); a word without rows too
-WORD_ROWS = torch.tensor([[[0, 2, -1], [1, -1, -1], [-1, -1, -1]], [[0, 2, 3], [2, -1, -1], [3, 1, -1]]])
-IMAGE_SIZES = [(60, 100), (130, 60)]
 
 
 def keys_of(model, inputs) -> int:
@@ -52,20 +49,6 @@ def lora(model):
     return get_peft_model(model, config)
 
 
-def grads_of(model, processor, inputs, positions, per_word: bool, weights: torch.Tensor):
-    capture = AttentionCapture(model, processor=processor)
-    with capture.record(positions):
-        model(**inputs)
-    if per_word:
-        maps = capture.word_maps(inputs, WORD_ROWS, size=5, image_sizes=IMAGE_SIZES)
-    else:
-        maps = word_maps(capture.maps(inputs, size=5, image_sizes=IMAGE_SIZES), WORD_ROWS)
-    (maps * weights).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
-    capture.close()
-    return maps.detach(), grads
-
-
 @pytest.mark.parametrize("kind,checkpointing,chunk_bytes", [
     ("llava", False, None), ("mllama", False, None), ("qwen2_vl", False, None),
     ("mllama", True, None), ("llava", False, 1), ("mllama", False, 1),  # 1 byte: one key head per chunk
@@ -86,8 +69,8 @@ def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, c
     weights = torch.randn(2, 3, layers, heads, 5, 5, generator=torch.Generator().manual_seed(0))
 
     processor = build_tiny_vlm(kind, 0)[1]
-    expected_maps, expected = grads_of(copy.deepcopy(model), processor, inputs, positions, False, weights)
-    maps, got = grads_of(model, processor, inputs, positions, True, weights)
+    expected_maps, expected = word_map_grads(copy.deepcopy(model), processor, inputs, positions, False, weights)
+    maps, got = word_map_grads(model, processor, inputs, positions, True, weights)
 
     assert maps.shape == (2, 3, layers, heads, 5, 5)
     torch.testing.assert_close(maps, expected_maps, rtol=0, atol=1e-6)

@@ -155,6 +155,8 @@ class NoVideos:
 
     def __call__(self, *args, **kwargs):
         raise ValueError("videos need torchvision, which is not installed; this processor takes images only")
+
+
 # processors that take interleaved lists of text and images rather than text with placeholders
 PLACEHOLDER_PROCESSORS = ("IdeficsProcessor",)
 IMAGE_PLACEHOLDER = "<image>"

@@ -40,7 +40,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from lavender.alignment.head import word_weights
 from lavender.student.adapters import get_adapter
 from lavender.student.adapters.base import place_on_layouts
-from lavender.student.geometry import place_grid
 
 ATTENTION_NAME = "lavender"
 
@@ -123,14 +122,15 @@ class AttentionCapture:
                 f"{self.adapter.model_types[0]} model; capturable layers: {sorted(candidates)}"
             )
         self._modules = [candidates[layer] for layer in self.layers]
+        self._recording: _Recording | None = None  # inside record()
+        self._last: _Recording | None = None  # the latest recorded forward, until a plain one
+        self._query_mask: torch.Tensor | None = None
+        # before anything of the model changes: an adapter may refuse the model here
+        self._hooks = self.adapter.watch(self._base, lambda: self._recording is not None)
         self._previous_implementation = self._base.config.get_text_config()._attn_implementation
         self._base.set_attn_implementation({self.adapter.text_config_key: ATTENTION_NAME})
         for module in self._modules:
             _WATCHED[module] = self
-        self._hooks = self.adapter.watch(self._base, lambda: self._recording is not None)
-        self._recording: _Recording | None = None  # inside record()
-        self._last: _Recording | None = None  # the latest recorded forward, until a plain one
-        self._query_mask: torch.Tensor | None = None
 
     @contextlib.contextmanager
     def record(self, query_positions: torch.Tensor) -> Iterator[AttentionCapture]:

@@ -5,7 +5,7 @@ example:
   lavender tiny llava runs/tiny-llava    a VLM (student); also mllama, qwen2_vl, qwen2_5_vl, qwen3_vl, gemma3,
                                          llava_next, llava_onevision, idefics3, internvl,
                                          qwen3_vl_moe, qwen3_5, qwen3_5_moe, smolvlm, paligemma,
-                                         minicpmv4_6, minicpmv4_7, idefics
+                                         minicpmv4_6, minicpmv4_7, idefics, minicpmv
 """
 
 from __future__ import annotations

@@ -172,13 +172,7 @@ def build_tiny_mllama(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = MllamaConfig(vision_config=vision, text_config=text,
                           image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"))
     model = _seeded(seed, MllamaForConditionalGeneration, config)
-    # Random init leaves the tanh gates at 0, which would hide the cross-attention layers
-    # from the output; open them so the tiny model behaves like a trained one.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                parameter.fill_(0.5)
-    return model, processor
+    return _open_gates(model, ("cross_attn_attn_gate", "cross_attn_mlp_gate")), processor
 
 
 def build_tiny_qwen2_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
@@ -227,7 +221,7 @@ def build_tiny_qwen3_vl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3VLConfig(
         vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
         text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE,
-                         **_qwen3_text(processor.tokenizer)),
+                         **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3VLForConditionalGeneration, config), processor
@@ -242,7 +236,7 @@ def build_tiny_qwen3_vl_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3VLMoeConfig(
         vision_config=dict(_QWEN3_VISION, deepstack_visual_indexes=[0]),
         text_config=dict(num_hidden_layers=2, head_dim=8, rope_parameters=_QWEN3_ROPE, num_experts=4,
-                         num_experts_per_tok=2, moe_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+                         num_experts_per_tok=2, moe_intermediate_size=16, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3VLMoeForConditionalGeneration, config), processor
@@ -267,7 +261,7 @@ def build_tiny_qwen3_5(seed: int = 0) -> tuple[PreTrainedModel, object]:
     processor, ids = _qwen3_vl_processor()
     config = Qwen3_5Config(
         vision_config=_QWEN3_VISION,
-        text_config=dict(_QWEN3_5_TEXT, **_qwen3_text(processor.tokenizer)),
+        text_config=dict(_QWEN3_5_TEXT, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3_5ForConditionalGeneration, config), processor
@@ -281,7 +275,7 @@ def build_tiny_qwen3_5_moe(seed: int = 0) -> tuple[PreTrainedModel, object]:
     config = Qwen3_5MoeConfig(
         vision_config=_QWEN3_VISION,
         text_config=dict(_QWEN3_5_TEXT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=16, **_qwen3_text(processor.tokenizer)),
+                         shared_expert_intermediate_size=16, **_qwen_text(processor.tokenizer)),
         **_qwen_image_tokens(ids),
     )
     return _seeded(seed, Qwen3_5MoeForConditionalGeneration, config), processor
@@ -297,8 +291,8 @@ def _qwen3_vl_processor():
     )
 
 
-def _qwen3_text(tokenizer) -> dict:
-    """The text-config entries every tiny Qwen3 decoder shares."""
+def _qwen_text(tokenizer) -> dict:
+    """The text-config entries every tiny Qwen decoder shares."""
     return dict(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=None, eos_token_id=tokenizer.eos_token_id, **_TEXT)
 
@@ -309,14 +303,26 @@ def _qwen_image_tokens(ids) -> dict:
                 vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
 
 
-def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProcessor", **image_settings):
-    """A Qwen-VL processor (``processor_class``; its video processor's class name, used where
-    torchvision is installed) and its tokenizer's ``convert_tokens_to_ids``."""
+def _processor(processor_class, image_processor, tokenizer, video_processor: str, video_settings: dict | None = None,
+               **settings):
+    """``processor_class`` of these parts, with its video processor (the transformers class named
+    ``video_processor``, built with ``video_settings``) where torchvision is installed, else without
+    one, as :func:`lavender.processors.load_processor` loads it there."""
     import transformers
-    from transformers import Qwen2VLImageProcessorPil
     from transformers.utils import is_torchvision_available
 
     from lavender.processors import image_only
+
+    if is_torchvision_available():
+        videos = getattr(transformers, video_processor)(**(video_settings or {}))
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, video_processor=videos, **settings)
+    return image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer, **settings)
+
+
+def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProcessor", **image_settings):
+    """A Qwen-VL processor (``processor_class``; its video processor's class name, used where
+    torchvision is installed) and its tokenizer's ``convert_tokens_to_ids``."""
+    from transformers import Qwen2VLImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
@@ -325,27 +331,16 @@ def _qwen_vl_processor(processor_class, video_processor: str = "Qwen2VLVideoProc
         "<|vision_start|><|image_pad|><|vision_end|>", "<|im_start|>ROLE\\n", "<|im_end|>\\n"
     )
     image_processor = Qwen2VLImageProcessorPil(**{"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64, **image_settings})
-    if is_torchvision_available():
-        videos = getattr(transformers, video_processor)()
-        processor = processor_class(image_processor, tokenizer, videos, chat_template=template)
-    else:
-        processor = image_only(processor_class)(image_processor, tokenizer, chat_template=template)
+    processor = _processor(processor_class, image_processor, tokenizer, video_processor, chat_template=template)
     return processor, tokenizer.convert_tokens_to_ids
 
 
 def _qwen_vl_text(tokenizer, ids) -> dict:
-    """The text config and special token ids shared by the tiny Qwen-VL models."""
+    """The text config and special token ids shared by the tiny Qwen2-VL and Qwen2.5-VL."""
     return dict(
-        text_config=dict(
-            vocab_size=len(tokenizer), num_hidden_layers=2, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-            **_TEXT,
-        ),
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        text_config=dict(num_hidden_layers=2, **_qwen_text(tokenizer),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}),
+        **_qwen_image_tokens(ids),
     )
 
 
@@ -401,9 +396,6 @@ def build_tiny_llava_onevision(seed: int = 0) -> tuple[PreTrainedModel, object]:
         Qwen2Config,
         SiglipVisionConfig,
     )
-    from transformers.utils import is_torchvision_available
-
-    from lavender.processors import image_only
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
     tokenizer = _tokenizer(specials, None, "<|im_end|>", "<|endoftext|>",
@@ -413,12 +405,7 @@ def build_tiny_llava_onevision(seed: int = 0) -> tuple[PreTrainedModel, object]:
                                                       image_grid_pinpoints=_ANYRES_PINPOINTS)
     settings = dict(num_image_tokens=9, vision_feature_select_strategy="full", chat_template=template,
                     vision_aspect_ratio="anyres_max_4")
-    if is_torchvision_available():
-        from transformers import LlavaOnevisionVideoProcessor
-
-        processor = LlavaOnevisionProcessor(image_processor, tokenizer, LlavaOnevisionVideoProcessor(), **settings)
-    else:
-        processor = image_only(LlavaOnevisionProcessor)(image_processor, tokenizer, **settings)
+    processor = _processor(LlavaOnevisionProcessor, image_processor, tokenizer, "LlavaOnevisionVideoProcessor", **settings)
     ids = tokenizer.convert_tokens_to_ids
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -447,9 +434,6 @@ def build_tiny_internvl(seed: int = 0) -> tuple[PreTrainedModel, object]:
         InternVLVisionConfig,
         Qwen2Config,
     )
-    from transformers.utils import is_torchvision_available
-
-    from lavender.processors import image_only
 
     markers = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                "video_token": "<video>"}
@@ -459,12 +443,7 @@ def build_tiny_internvl(seed: int = 0) -> tuple[PreTrainedModel, object]:
     image_processor = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True,
                                                min_patches=1, max_patches=4)
     settings = dict(image_seq_length=16, chat_template=template)
-    if is_torchvision_available():
-        from transformers import InternVLVideoProcessor
-
-        processor = InternVLProcessor(image_processor, tokenizer, InternVLVideoProcessor(), **settings)
-    else:
-        processor = image_only(InternVLProcessor)(image_processor, tokenizer, **settings)
+    processor = _processor(InternVLProcessor, image_processor, tokenizer, "InternVLVideoProcessor", **settings)
     config = InternVLConfig(
         vision_config=InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=[56, 56], patch_size=[7, 7]),
@@ -518,22 +497,14 @@ def _minicpmv_parts(processor_class):
     The decoder: 4 Qwen3.5 layers, linear attention (Gated DeltaNet) in 0 and 2, full attention
     in 1 and 3 (real checkpoints: one full-attention layer in four)."""
     from transformers import MiniCPMV4_6ImageProcessorPil
-    from transformers.utils import is_torchvision_available
-
-    from lavender.processors import image_only
 
     tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *MINICPMV_MARKERS.values()], None,
                            "<|im_end|>", "<|endoftext|>", extra_special_tokens=MINICPMV_MARKERS)
     template = chat_template("<unk>\\n", "<|im_start|>ROLE\\n", "<|im_end|>\\n")
-    image_processor = MiniCPMV4_6ImageProcessorPil(scale_resolution=112, patch_size=7, max_slice_nums=4)
-    if is_torchvision_available():
-        from transformers import MiniCPMV4_6VideoProcessor
-
-        videos = MiniCPMV4_6VideoProcessor(scale_resolution=112, patch_size=7, max_slice_nums=4)
-        processor = processor_class(image_processor, videos, tokenizer, chat_template=template)
-    else:
-        processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
-                                                chat_template=template)
+    views = dict(scale_resolution=112, patch_size=7, max_slice_nums=4)
+    image_processor = MiniCPMV4_6ImageProcessorPil(**views)
+    processor = _processor(processor_class, image_processor, tokenizer, "MiniCPMV4_6VideoProcessor", views,
+                           chat_template=template)
     ids = tokenizer.convert_tokens_to_ids
     text = dict(
         text_config=dict(
@@ -612,9 +583,6 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[PreTrainedModel, object]:
         SmolVLMProcessor,
         SmolVLMVisionConfig,
     )
-    from transformers.utils import is_torchvision_available
-
-    from lavender.processors import image_only
 
     markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
     markers += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
@@ -624,12 +592,7 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[PreTrainedModel, object]:
                                                           "global_image_token": "<global-img>"})
     image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 224}, max_image_size={"longest_edge": 112})
     settings = dict(image_seq_len=16, chat_template=SMOLVLM_CHAT_TEMPLATE)
-    if is_torchvision_available():
-        from transformers import SmolVLMVideoProcessor
-
-        processor = SmolVLMProcessor(image_processor, tokenizer, SmolVLMVideoProcessor(), **settings)
-    else:
-        processor = image_only(SmolVLMProcessor)(image_processor, tokenizer, **settings)
+    processor = _processor(SmolVLMProcessor, image_processor, tokenizer, "SmolVLMVideoProcessor", **settings)
     config = SmolVLMConfig(
         vision_config=SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=2, image_size=112, patch_size=7),
@@ -765,13 +728,7 @@ def build_tiny_idefics(seed: int = 0, use_resampler: bool = True) -> tuple[PreTr
                               resampler_n_heads=2, resampler_head_dim=8),
     )
     model = _seeded(seed, IdeficsForVisionText2Text, config)
-    # The tanh gates start at 0 (alpha_initializer "zeros"), which would hide the cross-attention
-    # layers from the output; open them as in a trained model.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                parameter.fill_(0.5)
-    return model, processor
+    return _open_gates(model, ("alpha_cross_attn", "alpha_dense")), processor
 
 
 def build_tiny_minicpmv(seed: int = 0) -> tuple[PreTrainedModel, object]:
@@ -842,6 +799,18 @@ def save_tiny_vlm(kind: str, path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def _open_gates(model: PreTrainedModel, names: tuple[str, ...]) -> PreTrainedModel:
+    """Set the tanh gates of gated cross-attention layers (parameters ending in ``names``) to 0.5.
+
+    They start at 0 (Mllama, IDEFICS), which would hide the cross-attention layers from the
+    output; open them so the tiny model behaves like a trained one."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(names):
+                parameter.fill_(0.5)
+    return model
 
 
 def _seeded(seed: int, model_class, config):

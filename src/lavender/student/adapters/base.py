@@ -165,13 +165,35 @@ def rows_after_layouts(inputs: dict, positions: torch.Tensor, layouts: list[Layo
     input_ids = inputs["input_ids"]
     last_image = torch.tensor(
         [-1 if layout is None else int(layout.keys.max()) for layout in layouts], device=input_ids.device
-    )
-    positions = positions.to(input_ids.device)
+    )[:, None]
+    sequence = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    return rows_that_see(inputs, positions, (last_image >= 0) & (sequence > last_image))
+
+
+def rows_that_see(inputs: dict, positions: torch.Tensor, sees: torch.Tensor) -> torch.Tensor:
+    """(B, Q) bool: the rows ``positions`` (B, Q) that exist (not -1, not padding by the
+    ``attention_mask``) and that ``sees`` (B, T) bool marks as seeing the image."""
+    positions = positions.to(sees.device)
     rows = positions.clamp(min=0)
-    visible = (positions >= 0) & (last_image[:, None] >= 0) & (rows > last_image[:, None])
+    visible = (positions >= 0) & sees.gather(1, rows)
     if inputs.get("attention_mask") is not None:
         visible &= inputs["attention_mask"].gather(1, rows).bool()
     return visible
+
+
+def tiles_per_row(runs: list[torch.Tensor], same_row_gap: int) -> int:
+    """How many of an image's tiles (runs of image tokens, row-major) make one row: two tiles of a
+    row are ``same_row_gap`` tokens apart, a new row puts more between them (its newline)."""
+    gaps = [int(after[0] - before[-1] - 1) for before, after in zip(runs, runs[1:])]
+    return next((i + 1 for i, gap in enumerate(gaps) if gap > same_row_gap), len(runs))
+
+
+def join_tiles(tiles: torch.Tensor, cols: int) -> torch.Tensor:
+    """(n, h, w) equal tiles, row-major with ``cols`` per row → one (n/cols·h, cols·w) grid: token
+    (i, j) of tile (r, c) at cell (r·h + i, c·w + j)."""
+    n, height, width = tiles.shape
+    rows = n // cols
+    return tiles.view(rows, cols, height, width).permute(0, 2, 1, 3).reshape(rows * height, cols * width)
 
 
 def image_runs(columns: torch.Tensor) -> list[torch.Tensor]:

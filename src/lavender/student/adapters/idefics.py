@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lavender.student.adapters.base import Adapter, Layout, register_adapter
+from lavender.student.adapters.base import Adapter, Layout, register_adapter, rows_that_see
 from lavender.student.geometry import FULL_VIEW
 
 
@@ -89,14 +89,9 @@ class IdeficsAdapter(Adapter):
 
     def query_mask(self, inputs, positions, image=0):
         sees = inputs["image_attention_mask"]  # (B, T, n_images): 1 where a row attends to an image
-        positions = positions.to(sees.device)
-        rows = positions.clamp(min=0)
         if image >= sees.shape[2]:
-            return torch.zeros_like(positions, dtype=torch.bool)
-        visible = (positions >= 0) & sees[:, :, image].bool().gather(1, rows)
-        if inputs.get("attention_mask") is not None:
-            visible &= inputs["attention_mask"].gather(1, rows).bool()
-        return visible
+            return torch.zeros_like(positions, dtype=torch.bool, device=sees.device)
+        return rows_that_see(inputs, positions, sees[:, :, image].bool())
 
     def layouts(self, inputs, image_sizes, image=0):
         vision = self.config.vision_config

@@ -38,7 +38,9 @@ from lavender.student.adapters.base import (
     Layout,
     image_columns,
     image_runs,
+    join_tiles,
     register_adapter,
+    tiles_per_row,
 )
 from lavender.student.geometry import FULL_VIEW
 
@@ -64,14 +66,10 @@ class Idefics3Adapter(Adapter):
             if not tiles:
                 layouts.append(Layout(global_view.view(side, side), FULL_VIEW))
                 continue
-            cols = next((i + 1 for i in range(len(tiles) - 1) if tiles[i + 1][0] - tiles[i][-1] - 1 > _SAME_ROW_GAP),
-                        len(tiles))
+            cols = tiles_per_row(tiles, _SAME_ROW_GAP)
             if len(tiles) % cols:
                 raise ValueError(f"sample {b}: {len(tiles)} tiles of an image do not form rows of {cols}")
-            rows = len(tiles) // cols
-            # token (i, j) of tile (r, c) sits at cell (r·side + i, c·side + j)
-            grid = torch.stack(tiles).view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
-            layouts.append(Layout(grid, FULL_VIEW))
+            layouts.append(Layout(join_tiles(torch.stack(tiles).view(-1, side, side), cols), FULL_VIEW))
         return layouts
 
     def _images(self, ids: torch.Tensor, runs: list[torch.Tensor], per_tile: int):

@@ -25,6 +25,7 @@ from lavender.student.adapters.base import (
     Layout,
     image_columns,
     image_runs,
+    join_tiles,
     register_adapter,
 )
 from lavender.student.geometry import FULL_VIEW
@@ -56,8 +57,7 @@ class InternVLAdapter(Adapter):
                     f"an image of {image_sizes[b][0]}×{image_sizes[b][1]} px has {len(tiles)} tiles in input_ids, but "
                     f"the image processor's settings give {rows}×{cols} + a thumbnail: pass the processor used"
                 )
-            grid = tiles[:-1].view(rows, cols, side, side).permute(0, 2, 1, 3).reshape(rows * side, cols * side)
-            layouts.append(Layout(grid, FULL_VIEW))
+            layouts.append(Layout(join_tiles(tiles[:-1], cols), FULL_VIEW))
         return layouts
 
     def _tile_grid(self, height: int, width: int) -> tuple[int, int]:

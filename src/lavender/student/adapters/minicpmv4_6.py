@@ -30,7 +30,8 @@ tokens with a 2-D "canvas" M-RoPE, which changes no key's place in the sequence.
 
 Attention: the decoder is Qwen3.5's, where most layers are linear attention (Gated DeltaNet, no
 attention map) and every fourth is full softmax attention; only those carry maps, so they are the
-capturable layers, and the default is those in the middle half of the decoder.
+capturable layers, and the default is those in the middle half of the decoder (as for Qwen3.5:
+:class:`~lavender.student.adapters.qwen3_5.HybridDecoderAdapter`).
 """
 
 from __future__ import annotations
@@ -38,32 +39,23 @@ from __future__ import annotations
 import torch
 
 from lavender.student.adapters.base import (
-    Adapter,
     Layout,
     image_columns,
     image_runs,
+    join_tiles,
     register_adapter,
+    tiles_per_row,
 )
+from lavender.student.adapters.qwen3_5 import HybridDecoderAdapter
 from lavender.student.geometry import FULL_VIEW
 
 _SAME_ROW_GAP = 2  # </slice><slice> between two slices of one row
 
 
 @register_adapter
-class MiniCPMV46Adapter(Adapter):
+class MiniCPMV46Adapter(HybridDecoderAdapter):
     model_types = ("minicpmv4_6", "minicpmv4_7")
-    attention_kind = "full-attention layer"
     image_inputs_hint = "pixel_values and target_sizes"
-
-    def attention_modules(self, model):
-        """The full-attention layers' modules: linear-attention layers have no ``self_attn``."""
-        return [layer.self_attn for layer in model.get_decoder().layers if hasattr(layer, "self_attn")]
-
-    def default_layers(self, layers):
-        """The full-attention layers in the middle half of the decoder (L/4 ≤ i < 3L/4), else all."""
-        n = self.config.get_text_config().num_hidden_layers
-        middle = [layer for layer in layers if n // 4 <= layer < max(n // 4 + 1, (3 * n + 3) // 4)]
-        return middle or layers
 
     def layouts(self, inputs, image_sizes, image=0):
         down, across = self._merge(inputs)
@@ -119,13 +111,11 @@ class MiniCPMV46Adapter(Adapter):
     def _joined(b: int, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The slices of one image joined into one grid, row-major as the processor cut them."""
         runs = [run for run, _ in slices]
-        cols = next((i + 1 for i in range(len(runs) - 1) if runs[i + 1][0] - runs[i][-1] - 1 > _SAME_ROW_GAP),
-                    len(runs))
+        cols = tiles_per_row(runs, _SAME_ROW_GAP)
         shapes = {tuple(grid.shape) for _, grid in slices}
         if len(runs) % cols or len(shapes) != 1:
             raise ValueError(
                 f"sample {b}: the {len(runs)} slices of an image (token grids {sorted(shapes)}) do not form rows "
                 f"of {cols} equal slices"
             )
-        grids = [grid for _, grid in slices]
-        return torch.cat([torch.cat(grids[start : start + cols], dim=1) for start in range(0, len(grids), cols)])
+        return join_tiles(torch.stack([grid for _, grid in slices]), cols)

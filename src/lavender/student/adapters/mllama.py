@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from lavender.student.adapters.base import Adapter, Layout, register_adapter
+from lavender.student.adapters.base import Adapter, Layout, register_adapter, rows_that_see
 from lavender.student.geometry import FULL_VIEW, View
 
 
@@ -36,15 +36,9 @@ class MllamaAdapter(Adapter):
 
     def query_mask(self, inputs, positions, image=0):
         cross = inputs["cross_attention_mask"]  # (B, T, n_images, tiles)
-        positions = positions.to(cross.device)
-        rows = positions.clamp(min=0)
         if image >= cross.shape[2]:
-            return torch.zeros_like(positions, dtype=torch.bool)
-        sees_image = cross[:, :, image].bool().any(-1).gather(1, rows)
-        visible = (positions >= 0) & sees_image
-        if inputs.get("attention_mask") is not None:
-            visible &= inputs["attention_mask"].gather(1, rows).bool()
-        return visible
+            return torch.zeros_like(positions, dtype=torch.bool, device=cross.device)
+        return rows_that_see(inputs, positions, cross[:, :, image].bool().any(-1))
 
     def layouts(self, inputs, image_sizes, image=0):
         vision = self.config.vision_config

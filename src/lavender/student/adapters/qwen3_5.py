@@ -19,23 +19,31 @@ layers 11, 15, 19 and 23).
 
 from __future__ import annotations
 
-from lavender.student.adapters.base import register_adapter
+from torch import nn
+
+from lavender.student.adapters.base import Adapter, register_adapter
 from lavender.student.adapters.qwen2_vl import Qwen2VLAdapter
 
 FULL_ATTENTION = "full_attention"
 
 
-@register_adapter
-class Qwen3_5Adapter(Qwen2VLAdapter):
-    model_types = ("qwen3_5", "qwen3_5_moe")
+class HybridDecoderAdapter(Adapter):
+    """Models with Qwen3.5's hybrid decoder (Qwen3.5, Qwen3.5-MoE, MiniCPM-V 4.6/4.7): only its
+    full-attention layers carry maps, so only they can be captured."""
+
     attention_kind = "full-attention layer (the others are Gated DeltaNet linear attention, which has no attention map)"
 
-    def attention_modules(self, model):
+    def attention_modules(self, model: nn.Module) -> list[nn.Module]:
         types = self.config.get_text_config().layer_types
         return [layer.self_attn for layer, kind in zip(model.get_decoder().layers, types) if kind == FULL_ATTENTION]
 
-    def default_layers(self, layers):
+    def default_layers(self, layers: list[int]) -> list[int]:
         """The full-attention layers (``layers``) in the middle half of the decoder by depth, else
         the middle half of the full-attention layers themselves."""
         middle = set(super().default_layers(list(range(self.config.get_text_config().num_hidden_layers))))
         return [layer for layer in layers if layer in middle] or super().default_layers(layers)
+
+
+@register_adapter
+class Qwen3_5Adapter(HybridDecoderAdapter, Qwen2VLAdapter):
+    model_types = ("qwen3_5", "qwen3_5_moe")

@@ -92,6 +92,8 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         return max(round(length / self.patch_size) * self.patch_size, self.patch_size)
 
     def best_resize(self, width: float, height: float, upscale: bool = False) -> tuple[int, int]:
+        """(width, height) of a view: about ``scale_resolution²`` px keeping the aspect ratio where the
+        image is larger (or ``upscale``), each side rounded to whole patches."""
         if width * height > self.scale_resolution**2 or upscale:
             ratio = width / height
             height = int(self.scale_resolution / math.sqrt(ratio))
@@ -99,6 +101,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         return self._whole_patches(width), self._whole_patches(height)
 
     def refine_size(self, width: int, height: int, grid: tuple[int, int]) -> tuple[int, int]:
+        """(width, height) the whole image is resized to before it is cut into the ``grid`` (cols, rows)."""
         cols, rows = grid
         cell_width = max(round(width / cols) * cols, cols) / cols
         cell_height = max(round(height / rows) * rows, rows) / rows
@@ -134,7 +137,9 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         patches = pixels[:, : rows * p, : cols * p].reshape(3, rows, p, cols, p).permute(0, 2, 1, 3, 4)
         return patches.reshape(3, p, rows * cols * p), (rows, cols)
 
-    def preprocess(self, images, return_tensors=None, **kwargs) -> BatchFeature:
+    def preprocess(self, images, return_tensors: str | None = None, **kwargs) -> BatchFeature:
+        """Every view of every image as (3, patch, n·patch) pixels, padded to the longest, with
+        ``tgt_sizes`` (each view's patch rows × cols) and ``image_grids`` (each image's slice rows × cols)."""
         views, sizes, grids = [], [], []
         for image in make_flat_list_of_images(images):
             image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
@@ -145,7 +150,7 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
                 views.append(patches)
                 sizes.append(size)
         longest = max(v.shape[-1] for v in views)
-        pixel_values = torch.stack([nn_pad(v, longest) for v in views])
+        pixel_values = torch.stack([torch.nn.functional.pad(v, (0, longest - v.shape[-1])) for v in views])
         return BatchFeature(
             {"pixel_values": pixel_values, "tgt_sizes": torch.tensor(sizes), "image_grids": torch.tensor(grids)},
             tensor_type=return_tensors,
@@ -157,10 +162,6 @@ class MiniCPMVImageProcessor(BaseImageProcessor):
         if not rows:
             return view
         return view + self.slice_start + "\n".join(view * cols for _ in range(rows)) + self.slice_end
-
-
-def nn_pad(view: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.nn.functional.pad(view, (0, length - view.shape[-1]))
 
 
 class MiniCPMVProcessor(ProcessorMixin):

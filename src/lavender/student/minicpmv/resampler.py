@@ -58,7 +58,9 @@ class ResamplerAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
-    def forward(self, query, key, value, key_padding_mask=None):
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """query (N, Q, D), key/value (N, S, D), key_padding_mask (N, S) True = padding →
         output (N, Q, D) and probabilities (N, heads, Q, S)."""
         n, q_len, dim = query.shape
