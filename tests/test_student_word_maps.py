@@ -81,13 +81,10 @@ def test_word_maps_equal_the_mean_of_placed_rows_with_the_same_gradients(kind, c
 
 
 @pytest.mark.parametrize("masking", ["causal", "bool", "additive", "per-head"])
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # 1 byte: one key head per chunk
-def test_word_sums_and_their_hand_written_backward_in_float64(masking, chunk_bytes, monkeypatch):
+def test_word_sums_and_their_hand_written_backward_in_float64(masking):
     """The word function against a plain float64 softmax of the whole matrix (value), and its
     hand-written backward against finite differences of its forward (``gradcheck``), for each
     kind of mask, grouped-query heads, a word without rows and a row shared by two words."""
-    if chunk_bytes is not None:
-        monkeypatch.setattr(capture_module, "CHUNK_BYTES", chunk_bytes)
     generator = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 4, 2, 6, 3
     keys = length if masking == "causal" else 5
@@ -104,7 +101,7 @@ def test_word_sums_and_their_hand_written_backward_in_float64(masking, chunk_byt
     index = capture_module._WordIndex.of(weights)
 
     def word_sums(query, key):
-        return capture_module._WordMaps.apply(query, key, mask, rows, index, 0.7, masking == "causal")
+        return capture_module._WordSums.apply(query, key, mask, rows, index, 0.7, masking == "causal")
 
     logits = query @ key.repeat_interleave(heads // kv_heads, dim=1).transpose(-1, -2) * 0.7
     if masking == "causal":

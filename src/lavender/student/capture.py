@@ -82,6 +82,14 @@ class _Logits:
     def probabilities(self) -> torch.Tensor:
         return _softmax_rows(self.query, self.key, self.mask, self.rows, self.scaling, self.causal)
 
+    def heads(self, chunk: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The query rows, keys and mask of the key heads ``chunk`` (each with its group of query heads)."""
+        heads = _query_heads(self.query, self.key, chunk)
+        mask = self.mask
+        if mask is not None and mask.shape[1] > 1:  # a per-head mask
+            mask = mask[:, heads]
+        return self.query[:, heads], self.key[:, chunk], mask
+
 
 class _Recording:
     """What one ``record()`` collects: query positions in, per-layer softmax inputs out."""
@@ -184,9 +192,14 @@ class AttentionCapture:
         maps = []
         for layer in self.layers:
             logits = recording.logits[layer]
-            words = _WordMaps.apply(logits.query, logits.key, logits.mask, logits.rows, index,
-                                    logits.scaling, logits.causal)  # (B, H, W, S)
-            maps.append(place_on_layouts(words, layouts, size))
+            # a few heads at a time, placed at once: only one chunk's rows × keys and words × keys
+            # tensors exist at a time, in forward and (autograd takes the chunks in turn) in backward
+            chunks = [
+                place_on_layouts(_WordSums.apply(*logits.heads(chunk), logits.rows, index, logits.scaling,
+                                                 logits.causal), layouts, size)  # (B, h, W, size, size)
+                for chunk in _head_chunks(logits.query, logits.key, index)
+            ]
+            maps.append(torch.cat(chunks, dim=1))
         self._check_gradient(maps[0])
         self._query_mask = self.adapter.query_mask(inputs, recording.query_positions, image)
         return torch.stack(maps, dim=1).permute(0, 3, 1, 2, 4, 5)  # (B, L, H, W, …) → (B, W, L, H, …)
@@ -397,73 +410,57 @@ class _WordIndex:
         )
 
 
-class _WordMaps(torch.autograd.Function):
-    """One layer: softmax rows → each word's weighted sum of its rows, (B, H, W, S).
+class _WordSums(torch.autograd.Function):
+    """Softmax rows → each word's weighted sum of its rows, (B, H, W, S), for one chunk of heads.
 
-    Forward and backward are written out, a few heads at a time, so that no rows × keys tensor
-    outlives its chunk: backward recomputes the probabilities from the saved query rows (as a
-    checkpoint would) and applies the softmax's gradient in place. Memory: two rows × keys
-    buffers per chunk, in forward and in backward.
+    Forward and backward are written out so that no rows × keys tensor outlives the call:
+    backward recomputes the probabilities from the saved query rows (as a checkpoint would) and
+    applies the softmax's gradient in place. Memory: two rows × keys buffers, in forward and in
+    backward.
     """
 
     @staticmethod
     def forward(ctx, query, key, mask, rows, index, scaling, causal):
         ctx.save_for_backward(query, key, mask, rows)
         ctx.index, ctx.scaling, ctx.causal = index, scaling, causal
-        out = []
-        for chunk in _head_chunks(query, key, index):
-            probs = _pair_probabilities(query, key, mask, rows, index, chunk, scaling, causal)
-            out.append(_add_into_words(probs.mul_(index.scale[:, None, :, None]), index))
-        return torch.cat(out, dim=1)
+        probs = _pair_probabilities(query, key, mask, rows, index, scaling, causal)
+        return _add_into_words(probs.mul_(index.scale[:, None, :, None]), index)
 
     @staticmethod
     def backward(ctx, grad):
         query, key, mask, rows = ctx.saved_tensors
-        index, scaling, causal = ctx.index, ctx.scaling, ctx.causal
+        index, scaling = ctx.index, ctx.scaling
         need_query, need_key = ctx.needs_input_grad[:2]
         if not (need_query or need_key):
             return (None,) * 7
-        pair_rows = index.row[:, None, :, None]
-        grad_query = torch.zeros_like(query) if need_query else None
-        grad_key = torch.zeros_like(key) if need_key else None
-        for chunk in _head_chunks(query, key, index):
-            heads = _query_heads(query, key, chunk)
-            probs = _pair_probabilities(query, key, mask, rows, index, chunk, scaling, causal)
-            # d loss / d probs: each pair's word gradient, times the pair's share in the word
-            d_probs = grad[:, heads].gather(2, index.word[:, None, :, None].expand_as(probs))
-            d_probs.mul_(index.scale[:, None, :, None])
-            # softmax backward in place: d_logits = p ⊙ (g − ⟨p, g⟩)
-            d_logits = d_probs.sub_(torch.einsum("bhps,bhps->bhp", probs, d_probs)[..., None]).mul_(probs)
-            del probs
-            batch, n_heads, pairs, keys = d_logits.shape
-            kv_heads = chunk.stop - chunk.start
-            d_logits = d_logits.view(batch, kv_heads, n_heads // kv_heads * pairs, keys)
-            if need_query:
-                d_q = (d_logits @ key[:, chunk].to(d_logits.dtype)).mul_(scaling).view(batch, n_heads, pairs, -1)
-                grad_query[:, heads] = d_q.new_zeros(batch, n_heads, query.shape[2], d_q.shape[-1]).scatter_add_(
-                    2, pair_rows.expand_as(d_q), d_q
-                )
-            if need_key:
-                q = _pair_queries(query, index, heads).reshape(batch, kv_heads, -1, query.shape[-1])
-                grad_key[:, chunk] = (d_logits.transpose(-1, -2) @ q).mul_(scaling).to(key.dtype)
+        probs = _pair_probabilities(query, key, mask, rows, index, scaling, ctx.causal)
+        # d loss / d probs: each pair's word gradient, times the pair's share in the word
+        d_probs = grad.gather(2, index.word[:, None, :, None].expand_as(probs)).mul_(index.scale[:, None, :, None])
+        # softmax backward in place: d_logits = p ⊙ (g − ⟨p, g⟩)
+        d_logits = d_probs.sub_(torch.einsum("bhps,bhps->bhp", probs, d_probs)[..., None]).mul_(probs)
+        del probs
+        batch, heads, pairs, keys = d_logits.shape
+        d_logits = d_logits.view(batch, key.shape[1], -1, keys)  # query heads folded per key head
+        grad_query = grad_key = None
+        if need_query:
+            d_q = (d_logits @ key.to(d_logits.dtype)).mul_(scaling).view(batch, heads, pairs, -1)
+            pair_rows = index.row[:, None, :, None].expand_as(d_q)
+            grad_query = torch.zeros_like(query).scatter_add_(2, pair_rows, d_q)
+        if need_key:
+            q = _pair_queries(query, index).reshape(batch, key.shape[1], -1, query.shape[-1])
+            grad_key = (d_logits.transpose(-1, -2) @ q).mul_(scaling).to(key.dtype)
         return grad_query, grad_key, None, None, None, None, None
 
 
-def _pair_queries(query: torch.Tensor, index: _WordIndex, heads: slice) -> torch.Tensor:
-    """(B, h, P, D): the query row of every pair, for the query heads ``heads``."""
-    q = query[:, heads]
-    return q.gather(2, index.row[:, None, :, None].expand(*q.shape[:2], index.row.shape[1], q.shape[-1]))
+def _pair_queries(query: torch.Tensor, index: _WordIndex) -> torch.Tensor:
+    """(B, H, P, D): the query row of every pair."""
+    return query.gather(2, index.row[:, None, :, None].expand(*query.shape[:2], index.row.shape[1], query.shape[-1]))
 
 
-def _pair_probabilities(query, key, mask, rows, index: _WordIndex, chunk: slice, scaling, causal) -> torch.Tensor:
-    """(B, h, P, S) float32: each pair's row of probabilities, for the key heads ``chunk``."""
-    heads = _query_heads(query, key, chunk)
-    if mask is not None and mask.shape[1] > 1:  # a per-head mask
-        mask = mask[:, heads]
+def _pair_probabilities(query, key, mask, rows, index: _WordIndex, scaling, causal) -> torch.Tensor:
+    """(B, H, P, S) float32: each pair's row of probabilities."""
     with torch.autocast(query.device.type, enabled=False):
-        logits = _masked_logits(
-            _pair_queries(query, index, heads), key[:, chunk], mask, rows.gather(1, index.row), scaling, causal
-        )
+        logits = _masked_logits(_pair_queries(query, index), key, mask, rows.gather(1, index.row), scaling, causal)
     return logits.softmax(dim=-1)
 
 
