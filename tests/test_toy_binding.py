@@ -12,6 +12,7 @@ from PIL import Image
 
 from lavender.cli import build_parser
 from lavender.records import read_records
+from lavender.toy.binding import holds_shortcut
 from lavender.toy.splits import BINDING_SPLITS, SPLITS, write_world
 from lavender.toy.texts import vocabulary
 from lavender.toy.world import HELD_OUT_PAIRS, Scene, render
@@ -145,3 +146,43 @@ def test_the_cli_writes_the_binding_world_and_refuses_to_mix_worlds(world, tmp_p
     assert lavender("toy", "data", "--world", "binding", "--output", str(tmp_path / "other"),
                     "--dm-pretrain-size", "3") == 2
     assert "unknown split(s) ['dm_pretrain']" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fraction", [0.15, 1.0])
+def test_sft_shortcut_free_draws_that_share_of_sft_like_val_and_leaves_the_rest(world, tmp_path, fraction):
+    write_world(tmp_path, seed=5, sizes={"sft": SIZES["sft"]}, splits=("sft",), progress=False, world="binding",
+                sft_shortcut_free=fraction)
+    records, default = read_records(tmp_path / "sft.jsonl"), read_records(world / "sft.jsonl")
+    free = [not holds_shortcut("sft", index, fraction) for index in range(len(records))]
+    # the share holds in every prefix (the demo trains on the first --sft-size records)
+    for n in (7, 20, 100, len(records)):
+        assert abs(sum(free[:n]) - fraction * n) <= 1, (n, sum(free[:n]))
+    follows = []
+    for record, before, redrawn in zip(records, default, free, strict=True):
+        scene = Scene.from_dict(record.extra["scene"])
+        index, asked = _named(scene, record.question)
+        assert record.answer == getattr(scene.objects[index], asked), record.id
+        if redrawn:
+            follows.append(_shortcut(scene, asked) == record.answer)
+        else:  # drawn bit for bit as without the option
+            assert record.extra["scene"] == before.extra["scene"], record.id
+    # in the redrawn records the decoy agrees by chance only, as in val
+    assert 0.1 <= sum(follows) / len(follows) <= 0.4, sum(follows) / len(follows)
+    assert not all(follows) and len(follows) >= 25
+    manifest = json.loads((tmp_path / "world.json").read_text())
+    assert manifest["sft_shortcut_free"] == fraction
+
+
+def test_sft_shortcut_free_is_recorded_and_refused_where_it_does_not_apply(tmp_path, capsys):
+    def lavender(*argv: str) -> int:
+        args = build_parser().parse_args(list(argv))
+        return args._run(args)
+
+    common = ("toy", "data", "--output", str(tmp_path), "--splits", "sft", "--sft-size", "3")
+    assert lavender(*common, "--world", "binding", "--sft-shortcut-free", "0.5") == 0
+    assert lavender(*common, "--world", "binding") == 2  # the folder holds another sft
+    assert "sft_shortcut_free 0.5" in capsys.readouterr().out
+    assert lavender(*common[:3], str(tmp_path / "shapes"), "--sft-shortcut-free", "0.5") == 2
+    assert "binding world only" in capsys.readouterr().out
+    assert lavender(*common[:3], str(tmp_path / "high"), "--world", "binding", "--sft-shortcut-free", "1.5") == 2
+    assert "must lie in [0, 1], got 1.5" in capsys.readouterr().out

@@ -10,7 +10,8 @@ so that it does (docs/toy.md, "The binding world"):
 * one object is big: a decoy, never the one asked about. In ``sft`` and ``test_id`` the decoy
   has the answer ("the colour of the big object" answers every training question without
   reading the noun); in ``val`` and ``test_ood`` its value is drawn independently, so the
-  shortcut is right by chance only. The decoy lies elsewhere than the named object, so a map
+  shortcut is right by chance only (``sft_shortcut_free`` draws a fraction of ``sft`` that way
+  too: an SFT set in which the shortcut does not always pay). The decoy lies elsewhere than the named object, so a map
   of where to look can tell the two rules apart (as the decoy patch of decoy-MNIST does);
 * ``vlm_pretrain`` holds captions only: the pretrained VLMs know the visual words but have never
   answered a question, so the small ``sft`` set (hundreds of records) teaches the skill.
@@ -21,6 +22,8 @@ toy diffusion teacher trained there reads these scenes and texts as it reads its
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -47,6 +50,21 @@ VALUES = {"color": tuple(COLORS), "shape": SHAPES}
 # is drawn independently. ``val`` chooses settings for the shifted test, so it is drawn like
 # ``test_ood`` (from its own seeds).
 SHORTCUT_SPLITS = ("sft", "test_id")
+
+
+def holds_shortcut(split: str, index: int, sft_shortcut_free: float = 0.0) -> bool:
+    """Whether the decoy of record ``index`` of ``split`` shares the answer.
+
+    In ``sft``, a fraction ``sft_shortcut_free`` of the records is drawn like ``val`` instead (the
+    decoy's value independent). They are spread evenly, so that every prefix of the split (the demo
+    fine-tunes on the first ``--sft-size`` records) holds that fraction to within one record, and
+    the other records are drawn bit for bit as with 0.
+    """
+    if split not in SHORTCUT_SPLITS:
+        return False
+    if split != "sft":
+        return True
+    return math.floor((index + 1) * sft_shortcut_free) == math.floor(index * sft_shortcut_free)
 
 
 def sample_question_scene(rng: np.random.Generator, shortcut: bool, size: int = 64) -> tuple[Scene, int, str]:
@@ -120,13 +138,16 @@ def _distinct_colors(rng: np.random.Generator, shapes: list[str]) -> list[str]:
             return colors
 
 
-def make_record(seed: int, split, index: int, image_size: int = 64) -> tuple[dict, np.ndarray, list[np.ndarray]]:
-    """One record of ``split`` (a :class:`lavender.toy.splits.Split`), its pixels and object masks."""
+def make_record(seed: int, split, index: int, image_size: int = 64,
+                sft_shortcut_free: float = 0.0) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """One record of ``split`` (a :class:`lavender.toy.splits.Split`), its pixels and object masks;
+    ``sft_shortcut_free``: see :func:`holds_shortcut`."""
     from lavender.toy.splits import scene_record, scene_rng
 
     rng = scene_rng(seed, split, index)
     if split.questions:
-        scene, target, asked = sample_question_scene(rng, shortcut=split.name in SHORTCUT_SPLITS, size=image_size)
+        scene, target, asked = sample_question_scene(rng, holds_shortcut(split.name, index, sft_shortcut_free),
+                                                     size=image_size)
     else:
         scene = sample_caption_scene(rng, size=image_size)
     pixels, masks = render(scene)

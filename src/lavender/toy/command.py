@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--world", choices=WORLD_NAMES, default="shapes",
                       help="shapes: the first world; binding: grounding is the bottleneck (docs/toy.md)")
     data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--sft-shortcut-free", type=float, default=0.0, metavar="FRACTION",
+                      help="binding world: the fraction of sft records drawn like val, the decoy's value "
+                           "independent of the answer (default 0: the shortcut holds in every sft record)")
     data.add_argument("--image-size", type=int, default=64)
     defaults = {world: {s.name: s.size for s in get_world(world).splits} for world in WORLD_NAMES}
     names = list(dict.fromkeys(name for sizes in defaults.values() for name in sizes))
@@ -108,7 +111,8 @@ def _data(args: argparse.Namespace) -> int:
              if key.startswith("size_") and size is not None}
     try:
         manifest = write_world(args.output, seed=args.seed, sizes=sizes, image_size=args.image_size,
-                               splits=tuple(args.splits) if args.splits else None, world=args.world)
+                               splits=tuple(args.splits) if args.splits else None, world=args.world,
+                               sft_shortcut_free=args.sft_shortcut_free)
     except ValueError as error:
         print(f"lavender toy data: {error}")
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,14 +112,19 @@ BINDING_SPLITS: tuple[Split, ...] = (
 WORLD_NAMES = ("shapes", "binding")
 
 
-def get_world(name: str) -> World:
-    """``shapes``: the first world (docs/toy.md, "Scenes"); ``binding``: :mod:`lavender.toy.binding`."""
+def get_world(name: str, sft_shortcut_free: float = 0.0) -> World:
+    """``shapes``: the first world (docs/toy.md, "Scenes"); ``binding``: :mod:`lavender.toy.binding`,
+    with a fraction ``sft_shortcut_free`` of its ``sft`` records drawn like ``val``."""
+    if not 0.0 <= sft_shortcut_free <= 1.0:
+        raise ValueError(f"sft_shortcut_free must lie in [0, 1], got {sft_shortcut_free}")
     if name == "shapes":
+        if sft_shortcut_free:
+            raise ValueError("sft_shortcut_free applies to the binding world only (the shapes world has no shortcut)")
         return World("shapes", SPLITS, make_record)
     if name == "binding":
         from lavender.toy import binding
 
-        return World("binding", BINDING_SPLITS, binding.make_record)
+        return World("binding", BINDING_SPLITS, partial(binding.make_record, sft_shortcut_free=sft_shortcut_free))
     raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLD_NAMES)}")
 
 
@@ -163,14 +169,16 @@ def write_world(
     splits: tuple[str, ...] | None = None,
     progress: bool = True,
     world: str = "shapes",
+    sft_shortcut_free: float = 0.0,
 ) -> dict:
     """Write the chosen splits (default: all) of the world named ``world`` under ``output``;
-    returns the manifest.
+    returns the manifest. ``sft_shortcut_free`` (binding world only): the fraction of ``sft``
+    records whose decoy is drawn like ``val``'s (:func:`lavender.toy.binding.holds_shortcut`).
 
     A split whose JSONL already exists for the same seed, size and image size is skipped,
     so an interrupted run resumes.
     """
-    kind = get_world(world)
+    kind = get_world(world, sft_shortcut_free)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     sizes = sizes or {}
@@ -181,11 +189,14 @@ def write_world(
     manifest_path = output / "world.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     # manifests written before the binding world existed name no world: they hold the first one
-    held = (previous.get("world", "shapes"), previous.get("seed"), previous.get("image_size"))
-    if previous and held != (world, seed, image_size):
+    # ... and none written before sft_shortcut_free existed has a shortcut-free record
+    held = (previous.get("world", "shapes"), previous.get("seed"), previous.get("image_size"),
+            previous.get("sft_shortcut_free", 0.0))
+    if previous and held != (world, seed, image_size, sft_shortcut_free):
         raise ValueError(
-            f"{output} holds the {held[0]} world with seed {held[1]} and image size {held[2]}; "
-            f"write the {world} world, seed {seed}, image size {image_size} to an empty folder"
+            f"{output} holds the {held[0]} world with seed {held[1]}, image size {held[2]} and "
+            f"sft_shortcut_free {held[3]}; write the {world} world, seed {seed}, image size {image_size} "
+            f"and sft_shortcut_free {sft_shortcut_free} to an empty folder"
         )
     written = dict(previous.get("splits", {}))
     for split in kind.splits:
@@ -201,6 +212,7 @@ def write_world(
             "world": world,
             "seed": seed,
             "image_size": image_size,
+            **({"sft_shortcut_free": sft_shortcut_free} if world == "binding" else {}),
             "splits": written,
             "held_out_pairs": sorted(HELD_OUT_PAIRS),
             "vocabulary": vocabulary(),
