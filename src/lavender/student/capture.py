@@ -435,11 +435,12 @@ class _WordSums(torch.autograd.Function):
             return (None,) * 7
         probs = _pair_probabilities(query, key, mask, rows, index, scaling, ctx.causal)
         # d loss / d probs: each pair's word gradient, times the pair's share in the word
-        d_probs = grad.gather(2, index.word[:, None, :, None].expand_as(probs)).mul_(index.scale[:, None, :, None])
+        batch, heads, pairs, keys = probs.shape
+        d_probs = grad.reshape(-1, keys).index_select(0, _word_slots(index, heads)).view_as(probs)
+        d_probs.mul_(index.scale[:, None, :, None])
         # softmax backward in place: d_logits = p ⊙ (g − ⟨p, g⟩)
         d_logits = d_probs.sub_(torch.einsum("bhps,bhps->bhp", probs, d_probs)[..., None]).mul_(probs)
         del probs
-        batch, heads, pairs, keys = d_logits.shape
         d_logits = d_logits.view(batch, key.shape[1], -1, keys)  # query heads folded per key head
         grad_query = grad_key = None
         if need_query:
@@ -467,8 +468,17 @@ def _pair_probabilities(query, key, mask, rows, index: _WordIndex, scaling, caus
 def _add_into_words(pair_probs: torch.Tensor, index: _WordIndex) -> torch.Tensor:
     """(B, h, P, S) weighted pair rows → (B, h, W, S) word sums."""
     batch, heads, _, keys = pair_probs.shape
-    words = pair_probs.new_zeros(batch, heads, index.words, keys)
-    return words.scatter_add_(2, index.word[:, None, :, None].expand_as(pair_probs), pair_probs)
+    words = pair_probs.new_zeros(batch * heads * index.words, keys)
+    return words.index_add_(0, _word_slots(index, heads), pair_probs.reshape(-1, keys)).view(batch, heads, -1, keys)
+
+
+def _word_slots(index: _WordIndex, heads: int) -> torch.Tensor:
+    """(B·h·P,): for each pair row of a (B, h, P, S) tensor, its row in the (B·h·W, S) word sums.
+    Whole rows moved by ``index_add``/``index_select``: an element-wise scatter or gather over
+    rows × keys took as long as the softmax on a CPU."""
+    batch = index.word.shape[0]
+    sample_head = torch.arange(batch * heads, device=index.word.device).view(batch, heads, 1)
+    return (sample_head * index.words + index.word[:, None, :]).flatten()
 
 
 def _head_chunks(query: torch.Tensor, key: torch.Tensor, index: _WordIndex) -> list[slice]:

@@ -61,7 +61,9 @@ def place_grid(grid: torch.Tensor, view: View, size: int) -> torch.Tensor:
     down, _ = axis_weights(view.top, view.bottom, rows, size)
     across, _ = axis_weights(view.left, view.right, cols, size)
     down, across = down.to(grid), across.to(grid)
-    return down @ grid @ across.T
+    # down @ grid @ acrossᵀ, written so that both products fold every map into one matrix
+    # product: with ``down`` in front they run as one small product per map (4× slower on a CPU)
+    return ((grid @ across.T).transpose(-1, -2) @ down.T).transpose(-1, -2)
 
 
 def visible_cells(view: View, size: int) -> torch.Tensor:
