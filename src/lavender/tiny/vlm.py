@@ -536,6 +536,11 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
+# the tokens Idefics3's processor writes around tiles (SmolVLM's too): image and separators, then positions
+IDEFICS3_MARKERS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+TILE_POSITIONS = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+
+
 def build_tiny_idefics3(seed: int = 0) -> tuple[PreTrainedModel, object]:
     """Idefics3 layout: images resized to at most 112 px, cut into 56 px tiles (up to 2×2) plus a
     56 px global view; 8×8 patches of 7 px per tile, pixel-shuffled 2×2 into 4×4 tokens."""
@@ -548,9 +553,7 @@ def build_tiny_idefics3(seed: int = 0) -> tuple[PreTrainedModel, object]:
         LlamaConfig,
     )
 
-    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-    markers += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tokenizer = _tokenizer(["<|begin_of_text|>", "<|end_of_text|>", "<pad>", *markers],
+    tokenizer = _tokenizer(["<|begin_of_text|>", "<|end_of_text|>", "<pad>", *IDEFICS3_MARKERS, *TILE_POSITIONS],
                            "<|begin_of_text|>", "<end_of_utterance>", "<pad>")
     image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56})
     processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=16, chat_template=IDEFICS3_CHAT_TEMPLATE)
@@ -584,10 +587,8 @@ def build_tiny_smolvlm(seed: int = 0) -> tuple[PreTrainedModel, object]:
         SmolVLMVisionConfig,
     )
 
-    markers = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
-    markers += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tokenizer = _tokenizer(["<|im_start|>", "<|endoftext|>", "<pad>", *markers], "<|im_start|>", "<end_of_utterance>",
-                           "<pad>", extra_special_tokens={"image_token": "<image>", "video_token": "<video>",
+    tokenizer = _tokenizer(["<|im_start|>", "<|endoftext|>", "<pad>", *IDEFICS3_MARKERS, "<video>", *TILE_POSITIONS],
+                           "<|im_start|>", "<end_of_utterance>", "<pad>", extra_special_tokens={"image_token": "<image>", "video_token": "<video>",
                                                           "fake_image_token": "<fake_token_around_image>",
                                                           "global_image_token": "<global-img>"})
     image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 224}, max_image_size={"longest_edge": 112})
