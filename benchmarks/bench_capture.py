@@ -11,11 +11,15 @@ Four ways to run one training step (forward, loss, backward) on the same model a
   eager     ``output_attentions=True`` with eager attention, as the Lavender authors did: the same
             rows are sliced from the full T×T (or T×image) maps, then as ``rows``.
 
-Each mode runs in its own subprocess, so the peak memory of one does not hide another's
+Each mode runs in its own worker process, so the peak memory of one does not hide another's
 (CPU: the peak resident set size, VmHWM, of one more step after the timed ones, with glibc's mmap
 threshold fixed so that freed buffers leave at once; CUDA: ``torch.cuda.max_memory_allocated``).
-Step time is the fastest of ``--steps`` steps after a warm-up: wall time on CUDA; on CPU the
-process time of a single thread, since a shared machine makes wall time meaningless.
+The workers take their steps in turn: each of ``--steps`` rounds times one step of every mode, in
+an order that alternates between rounds, and a mode's time ratio is the median over rounds of its
+step divided by plain's step of the same round. Whatever else the machine does then weighs on
+the modes alike: run one mode after another instead, and one job starting elsewhere moved the
+ratio at the 11B-layer shape from 1.08 to 1.15. Step time is wall time on CUDA; on a CPU the
+process time of a single thread.
 
     python benchmarks/bench_capture.py                       # CPU: small LLaVA- and Mllama-shaped models
     python benchmarks/bench_capture.py --models mllama-11b-layers --lora --device cpu   # CPU: 1/8 of 11B
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -126,7 +131,8 @@ def build(model_name: str, device: str):
     return model, inputs, positions
 
 
-def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, profile: bool = False) -> dict:
+def prepare(mode: str, model_name: str, device: str, lora: bool):
+    """``(step, peaks)``: one training step of ``mode`` on ``model_name``, and the CUDA peaks it logs."""
     import torch
 
     from lavender.alignment import AlignmentHead, attention_loss, visible_word_rows, word_maps
@@ -184,59 +190,109 @@ def run_mode(mode: str, model_name: str, device: str, steps: int, lora: bool, pr
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             peaks["step"].append(torch.cuda.max_memory_allocated() / 2**20)
-
-    def sync():
-        if device == "cuda":
             torch.cuda.synchronize()
 
+    return step, peaks
+
+
+def serve(mode: str, model_name: str, device: str, lora: bool) -> None:
+    """A worker: builds its mode, then on each ``step`` line of stdin times one step and answers in
+    JSON; on ``peak``, the peak memory of one more step, and exits. The parent steps the workers
+    in turn, so each mode's steps are timed between the others' (see ``compare``)."""
+    import torch
+
     # CUDA: wall time. CPU: process time of one thread, which other jobs on a shared machine
-    # barely disturb (wall time they do; and idle threads spinning under contention count as work).
+    # disturb far less than wall time (and idle threads spinning under contention count as work).
     clock = time.perf_counter if device == "cuda" else time.process_time
     if device == "cpu":
         torch.set_num_threads(1)
+    step, peaks = prepare(mode, model_name, device, lora)
     step()  # warm-up
-    if device == "cuda":  # the peak of the timed steps, not of building the model (reset by each step)
-        del peaks["forward"][:], peaks["step"][:]
-    times = []
-    for _ in range(steps):
-        sync()
-        start = clock()
-        step()
-        sync()
-        times.append(clock() - start)
-    if device == "cpu":
-        # The peak RSS of one more step, with glibc's mmap threshold fixed: large freed buffers
-        # then leave at once, so the peak follows the tensors alive (as CUDA's max_memory_allocated
-        # does) instead of what the adaptive threshold lets the heap keep (up to 355 MB of a 4.4 GB
-        # peak at the 11B-layer shape, unevenly per mode). Not for the timed steps: mapping every
-        # large buffer afresh costs time.
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 2**10)  # M_MMAP_THRESHOLD
-        libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
-        step()
-    if profile:  # where one more step's time goes, by operator (after the measurement: no effect on it)
-        from torch.profiler import ProfilerActivity
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+    peaks["forward"].clear(), peaks["step"].clear()  # the timed steps' peaks, not the warm-up's
+    print(json.dumps({"ready": mode}), flush=True)
+    for command in sys.stdin:
+        if command.strip() == "step":
+            start = clock()
             step()
-            sync()
-        order = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-        averages = profiler.key_averages()
-        print(averages.table(sort_by=order, row_limit=30), file=sys.stderr)
-        memory = "self_cuda_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
-        print(averages.table(sort_by=memory, row_limit=15), file=sys.stderr)
+            print(json.dumps({"step_s": clock() - start}), flush=True)
+        elif command.strip() == "peak":
+            print(json.dumps(peak_memory(step, peaks, device)), flush=True)
+            return
+
+
+def peak_memory(step, peaks: dict, device: str) -> dict:
+    """MiB: CUDA, the timed steps' ``max_memory_allocated`` (and up to the loss); CPU, the peak RSS
+    of one more step."""
     if device == "cuda":
-        peak = max(peaks["step"][:steps])  # the timed steps', not the profiled one's
-    else:
-        status = Path("/proc/self/status").read_text()
-        peak = int(status.split("VmHWM:")[1].split()[0]) / 1024  # KiB
-    # best of N: on a shared machine other work only ever adds time
-    result = {"mode": mode, "step_s": min(times), "peak_mib": peak}
-    if peaks["forward"]:
-        result["forward_peak_mib"] = max(peaks["forward"][:steps])
-    return result
+        return {"peak_mib": max(peaks["step"]), "forward_peak_mib": max(peaks["forward"])}
+    # With glibc's mmap threshold fixed, large freed buffers leave at once, so the peak RSS follows
+    # the tensors alive (as CUDA's max_memory_allocated does) instead of what the adaptive
+    # threshold lets the heap keep (up to 355 MB of a 4.4 GB peak at the 11B-layer shape, unevenly
+    # per mode). Not for the timed steps: mapping every large buffer afresh costs time.
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 64 * 2**10)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak resident set size (VmHWM)
+    step()
+    status = Path("/proc/self/status").read_text()
+    return {"peak_mib": int(status.split("VmHWM:")[1].split()[0]) / 1024}  # KiB
+
+
+def profile(mode: str, model_name: str, device: str, lora: bool) -> None:
+    """torch.profiler tables of one step after a warm-up: by time, and by memory."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    step, _ = prepare(mode, model_name, device, lora)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        step()
+    averages = profiler.key_averages()
+    print(averages.table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
+                         row_limit=30))
+    print(averages.table(sort_by="self_cuda_memory_usage" if device == "cuda" else "self_cpu_memory_usage",
+                         row_limit=15))
+
+
+def compare(model_name: str, modes: list[str], device: str, steps: int, lora: bool) -> dict:
+    """Every mode in its own worker process (peak memory is per process), stepped in turn: round
+    r times one step of each mode, in an order that alternates between rounds, so whatever else
+    the machine does weighs on every mode alike. Per mode: the median step, the ratio to plain
+    per round (median, and the range over rounds), and the peak memory."""
+    workers = {}
+    for mode in modes:  # one at a time, so no two build or warm up at once
+        command = [sys.executable, __file__, "--serve", mode, "--models", model_name, "--device", device]
+        worker = subprocess.Popen(command + (["--lora"] if lora else []), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        workers[mode] = worker
+        _answer(worker, mode)
+
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for round_ in range(steps):
+        for mode in modes if round_ % 2 == 0 else modes[::-1]:
+            workers[mode].stdin.write("step\n")
+            workers[mode].stdin.flush()
+            times[mode].append(_answer(workers[mode], mode)["step_s"])
+
+    results = {}
+    for mode, worker in workers.items():
+        worker.stdin.write("peak\n")
+        worker.stdin.flush()
+        results[mode] = {"step_s": statistics.median(times[mode]), **_answer(worker, mode)}
+        worker.wait()
+        if "plain" in times:
+            ratios = [a / b for a, b in zip(times[mode], times["plain"])]
+            results[mode]["time_ratio"] = statistics.median(ratios)
+            results[mode]["time_ratio_range"] = (min(ratios), max(ratios))
+    return results
+
+
+def _answer(worker: subprocess.Popen, mode: str) -> dict:
+    line = worker.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the {mode} worker stopped (exit {worker.wait()}); its error is above")
+    return json.loads(line)
 
 
 def main() -> None:
@@ -245,11 +301,11 @@ def main() -> None:
                         help="llava-small, mllama-small, mllama-11b-layers, mllama-11b (default: %(default)s)")
     parser.add_argument("--mllama-11b", action="store_true", help="Llama-3.2-11B-Vision shapes, bf16, LoRA (GPU)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (the fastest is reported)")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds, one step of each mode per round")
     parser.add_argument("--lora", action="store_true", help="LoRA r=8 on q/v of the language model")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--profile", choices=MODES, help="run this one mode in-process and print a torch.profiler table")
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a subprocess
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)  # a worker of ``compare``
     args = parser.parse_args()
     if args.mllama_11b:
         args.models, args.lora = ["mllama-11b"], True
@@ -257,33 +313,23 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.serve:
+        return serve(args.serve, args.models[0], args.device, args.lora)
+    if args.profile:
+        return profile(args.profile, args.models[0], args.device, args.lora)
 
-    if args.mode or args.profile:
-        result = run_mode(args.mode or args.profile, args.models[0], args.device, args.steps, args.lora,
-                          profile=bool(args.profile))
-        print(json.dumps(result))
-        return
-
-    print(f"device {args.device}, {args.steps} timed steps, LoRA {'on' if args.lora else 'off'}")
-    print(f"{'model':14s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'mem ×plain':>10s}"
-          f" {'fwd peak MiB':>12s}")
+    print(f"device {args.device}, {args.steps} rounds, LoRA {'on' if args.lora else 'off'}")
+    print(f"{'model':18s} {'mode':9s} {'step s':>8s} {'peak MiB':>9s} {'time ×plain':>11s} {'(rounds)':>12s}"
+          f" {'mem ×plain':>10s} {'fwd peak MiB':>12s}")
     for model_name in args.models:
-        results = {}
-        for mode in args.modes:
-            command = [sys.executable, __file__, "--mode", mode, "--models", model_name, "--steps", str(args.steps),
-                       "--device", args.device] + (["--lora"] if args.lora else [])
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{model_name:14s} {mode:9s} failed:\n{done.stderr[-2000:]}")
-                continue
-            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        results = compare(model_name, args.modes, args.device, args.steps, args.lora)
         plain = results.get("plain")
         for mode, result in results.items():
-            time_ratio = result["step_s"] / plain["step_s"] if plain else float("nan")
+            low, high = result.get("time_ratio_range", (float("nan"),) * 2)
             memory_ratio = result["peak_mib"] / plain["peak_mib"] if plain else float("nan")
-            print(f"{model_name:14s} {mode:9s} {result['step_s']:8.3f} {result['peak_mib']:9.0f} "
-                  f"{time_ratio:11.2f} {memory_ratio:10.2f} {result.get('forward_peak_mib', float('nan')):12.0f}",
-                  flush=True)
+            print(f"{model_name:18s} {mode:9s} {result['step_s']:8.3f} {result['peak_mib']:9.0f} "
+                  f"{result.get('time_ratio', float('nan')):11.2f} {f'{low:.2f}–{high:.2f}':>12s} "
+                  f"{memory_ratio:10.2f} {result.get('forward_peak_mib', float('nan')):12.0f}", flush=True)
 
 
 if __name__ == "__main__":
