@@ -95,7 +95,7 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     import torch
 
     threads = torch.get_num_threads()
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender") == 0
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none") == 0
     assert torch.get_num_threads() == threads  # runs use one thread; the caller's count comes back
     results = json.loads((output / "results.json").read_text())
     assert set(results["accuracy"]["llava"]) >= {"sft", "lavender"} and "oracle" not in results["accuracy"]["llava"]
@@ -103,11 +103,17 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     assert set(results["summary"]["llava"]["lavender_minus_sft"]) == {"val"}
     assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
     assert "(val):" in (output / "results.md").read_text()
+    # the VLM's maps are compared unnormalised: the trainer got the option
+    train_keys = (output / "train" / "llava" / "lavender" / "seed0" / "lavender_train.yaml").read_text()
+    assert "att_normalization: none\n" in train_keys
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "softmax") == 2
+    assert "unknown --att-normalization 'softmax'" in capsys.readouterr().out
     # the same folder with other settings would mix two runs' models: refused before any work
-    assert _lavender(*common, "--steps", "2", "--arms", "lavender") == 2
+    assert _lavender(*common, "--steps", "2", "--arms", "lavender", "--att-normalization", "none") == 2
     assert "other steps" in capsys.readouterr().out
     # a world written from one seed is not reported as another's
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--world-seed", "3") == 2
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none",
+                     "--world-seed", "3") == 2
     assert "seed 0" in capsys.readouterr().out
 
 

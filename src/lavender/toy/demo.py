@@ -72,6 +72,7 @@ class DemoSettings:
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
+    normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
     resolution: int = 8  # the VLMs see an 8×8 patch grid
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
@@ -113,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
     parser.add_argument("--att-rows", choices=QUERY_ROWS, default=None,
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
+    parser.add_argument("--att-normalization", default=None,
+                        help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
+                             "the targets' own, min–max); none compares the raw attention mass with the targets")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the val split instead of the test splits (to choose settings)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
                  "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
                  "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
-                 "rows": args.att_rows, "world_seed": args.world_seed,
+                 "rows": args.att_rows, "normalization": args.att_normalization, "world_seed": args.world_seed,
                  "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
                  "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -137,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
+    if settings.normalization is not None:
+        from lavender.alignment.loss import NORMALIZATIONS
+
+        if settings.normalization not in NORMALIZATIONS:
+            print(f"lavender demo: unknown --att-normalization {settings.normalization!r}; "
+                  f"choose one of {', '.join(sorted(NORMALIZATIONS))}")
+            return 2
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
     except FileNotFoundError as error:
@@ -481,7 +492,7 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
     keys = {
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
-        "aligner": settings.aligner, "att_rows": settings.rows,
+        "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
         "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 0,
         "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,
