@@ -6,6 +6,8 @@ Two measurements on the binding world (docs/toy.md, "Looking or reading"), for L
           shape, fitted on the scenes of one split and scored on another's; read at the object's
           centre cell, and as the mean of the tokens weighted by the object's coverage of each
           cell (what an attention row placed on the object, as ``forced`` places it, receives);
+  mass    per layer and head, the share of the answer-predicting row's attention on the image
+          tokens and on the named object's (eager attention, the mean over records);
   forced  answer accuracy per question type when the attention of the row that predicts the
           answer is replaced, in the given decoder layers and every head, by the named object's
           mask (each cell's coverage, summing to 1 over the image tokens): what perfect looking
@@ -13,6 +15,7 @@ Two measurements on the binding world (docs/toy.md, "Looking or reading"), for L
           word, so this equals exact match: the no-forcing column reproduces `lavender eval`).
 
     python scripts/looking_vs_reading.py probe  --model M --fit SFT.jsonl --score VAL.jsonl
+    python scripts/looking_vs_reading.py mass   --model M --data VAL.jsonl --limit 150
     python scripts/looking_vs_reading.py forced --model M --data VAL.jsonl --layers 1 2 1,2 3
 """
 
@@ -59,8 +62,8 @@ AttentionInterface.register("forced", forced_attention)
 AttentionMaskInterface.register("forced", sdpa_mask)
 
 
-def load(folder: Path):
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+def load(folder: Path, attention: str | None = None):
+    model = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation=attention).eval()
     return model, AutoProcessor.from_pretrained(folder)
 
 
@@ -141,21 +144,45 @@ def _probe(fit: torch.Tensor, fit_names: list[str], score: torch.Tensor, score_n
         return (classifier((score - mean) / std).argmax(1) == score_y).float().mean().item()
 
 
+def question_and_object(model, processor, record: dict) -> tuple[dict, torch.Tensor]:
+    """The model inputs of the record's question, and (T,) the named object's coverage on the
+    image tokens (summing to 1), zero elsewhere."""
+    inputs = model_inputs(processor, [Image.open(record["image"]).convert("RGB")], [record["question"]])
+    ids = inputs["input_ids"][0]
+    with Image.open(record["masks"][record["answer"]]) as mask:
+        mask = np.asarray(mask.convert("L")) > 0
+    target = torch.zeros(len(ids))
+    target[ids == model.config.image_token_index] = torch.from_numpy(coverage(mask, grid_side(model))).float()
+    return inputs, target
+
+
+def mass(args: argparse.Namespace) -> None:
+    model, processor = load(args.model, attention="eager")  # the probabilities, as the model computes them
+    on_image, on_object = 0.0, 0.0
+    data = records(args.data, args.limit)
+    for record in data:
+        inputs, target = question_and_object(model, processor, record)
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+        rows = torch.stack([layer[0, :, -1] for layer in attentions])  # (L, H, T): the answer row
+        image = inputs["input_ids"][0] == model.config.image_token_index
+        on_image = on_image + rows[..., image].sum(-1) / len(data)
+        on_object = on_object + rows[..., target > 0].sum(-1) / len(data)
+    print("| layer | on the image, per head | on the named object, per head |\n|---|---|---|")
+    for layer, (image, obj) in enumerate(zip(on_image, on_object)):
+        print(f"| {layer} | " + " ".join(f"{value:.2f}" for value in image) + " | "
+              + " ".join(f"{value:.2f}" for value in obj) + " |")
+
+
 def forced(args: argparse.Namespace) -> None:
     model, processor = load(args.model)
     model.set_attn_implementation({"text_config": "forced"})
-    side = grid_side(model)
     settings = {"none": set(), **{f"layers {spec}": {int(layer) for layer in spec.split(",")} for spec in args.layers}}
     right = {name: {} for name in settings}
     counts: dict[str, int] = {}
     for record in records(args.data, args.limit):
-        inputs = model_inputs(processor, [Image.open(record["image"]).convert("RGB")], [record["question"]])
-        ids = inputs["input_ids"][0]
+        inputs, target = question_and_object(model, processor, record)
         answer = processor.tokenizer(record["answer"], add_special_tokens=False)["input_ids"][0]
-        with Image.open(record["masks"][record["answer"]]) as mask:
-            mask = np.asarray(mask.convert("L")) > 0
-        target = torch.zeros(len(ids))
-        target[ids == model.config.image_token_index] = torch.from_numpy(coverage(mask, side))
         kind = record["question_type"]
         counts[kind] = counts.get(kind, 0) + 1
         for name, layers in settings.items():
@@ -179,6 +206,10 @@ def main() -> None:
     first.add_argument("--fit", type=Path, required=True, help="records whose scenes fit the probes")
     first.add_argument("--score", type=Path, required=True, help="records whose scenes score them")
     first.add_argument("--limit", type=int, default=500, help="records read from each (default %(default)s)")
+    shares = commands.add_parser("mass", help="where the answer row's attention goes, per layer and head")
+    shares.add_argument("--model", type=Path, required=True)
+    shares.add_argument("--data", type=Path, required=True)
+    shares.add_argument("--limit", type=int, default=150, help="records (default %(default)s)")
     second = commands.add_parser("forced", help="answer accuracy with the answer row's attention forced")
     second.add_argument("--model", type=Path, required=True)
     second.add_argument("--data", type=Path, required=True)
@@ -186,7 +217,7 @@ def main() -> None:
     second.add_argument("--limit", type=int, default=300, help="records (default %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    probe(args) if args.command == "probe" else forced(args)
+    {"probe": probe, "mass": mass, "forced": forced}[args.command](args)
 
 
 if __name__ == "__main__":

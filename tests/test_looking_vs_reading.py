@@ -70,3 +70,22 @@ def test_coverage_is_each_cells_share_of_the_mask():
     expected = np.zeros(64)
     expected[1 * 8 + 2], expected[0] = 2 / 3, 1 / 3
     np.testing.assert_allclose(shares, expected, atol=1e-6)
+
+
+def test_the_named_objects_target_lies_on_its_image_tokens(llava, tmp_path):
+    model, _, _ = llava
+    processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
+    scene, target_index, _ = sample_question_scene(np.random.default_rng(1), shortcut=False)
+    pixels, masks = render(scene)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    Image.fromarray(masks[target_index]).save(tmp_path / "mask.png")
+    record = {"image": str(tmp_path / "scene.png"), "question": "What color is the triangle?", "answer": "red",
+              "masks": {"red": str(tmp_path / "mask.png")}}
+    inputs, target = looking_vs_reading.question_and_object(model, processor, record)
+    image = inputs["input_ids"][0] == model.config.image_token_index
+    assert target[~image].abs().sum() == 0 and abs(float(target[image].sum()) - 1) < 1e-6
+    # each cell weighs what the object covers of it; its centre cell is one of them
+    obj = scene.objects[target_index]
+    on_grid = target[image]
+    assert on_grid[looking_vs_reading.centre_cell({"cx": obj.cx, "cy": obj.cy}, 64, 8)] > 0
+    np.testing.assert_allclose(on_grid.numpy(), looking_vs_reading.coverage(masks[target_index], 8), atol=1e-6)
