@@ -11,6 +11,7 @@ see are known.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,7 @@ class View:
 FULL_VIEW = View()
 
 
+@functools.lru_cache(maxsize=1024)  # every step places on the same few views; the tensors are never written to
 def axis_weights(start: float, end: float, cells: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resampling weights ``(size, cells)`` from a grid axis of ``cells`` patches spanning
     ``[start, end]`` to ``size`` canvas cells spanning ``[0, 1]``, and which canvas cells it covers.
