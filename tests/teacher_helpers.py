@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,7 +19,9 @@ from lavender.tiny.sd import save_tiny_sd
 
 @lru_cache(maxsize=None)
 def tiny_sd(vae: bool = True) -> Path:
-    return save_tiny_sd(Path(tempfile.mkdtemp(prefix="tiny-sd-")) / "model", seed=0, vae=vae)
+    folder = Path(tempfile.mkdtemp(prefix="tiny-sd-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # shared by the process's tests, gone after them
+    return save_tiny_sd(folder / "model", seed=0, vae=vae)
 
 
 def random_image(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
