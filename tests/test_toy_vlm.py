@@ -62,3 +62,34 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_checkpoint(arch, world
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="llava, mllama"):
         build_vlm(replace(TINY, arch="qwen"))
+
+
+def test_patch_labels_name_the_object_covering_each_patch():
+    import numpy as np
+
+    from lavender.toy.vlm import patch_labels
+    from lavender.toy.world import COLORS, SHAPES, Background, Object, Scene
+
+    # a square of half-side 0.8·r = 8 px centred on a patch corner covers exactly the 2×2 patches
+    # around (16, 24); a small circle inside one patch covers less than half of it
+    square = Object("square", "red", "big", cx=24.0, cy=16.0, r=10.0, rgb=(200, 0, 0))
+    dot = Object("circle", "blue", "small", cx=52.0, cy=52.0, r=2.0, rgb=(0, 0, 200))
+    scene = Scene(64, Background("solid", (128, 128, 128), (128, 128, 128), 0.0, 8.0, 0), (square, dot))
+    colours, shapes = patch_labels(scene, side=8)
+    expected = np.zeros((8, 8), int)
+    expected[1:3, 2:4] = 1
+    assert (colours.view(8, 8).numpy() == expected * (1 + list(COLORS).index("red"))).all()
+    assert (shapes.view(8, 8).numpy() == expected * (1 + SHAPES.index("square"))).all()
+
+
+def test_object_loss_trains_heads_on_the_image_tokens(world, tmp_path):
+    summary = pretrain(world, tmp_path / "llava", replace(TINY, object_loss=1.0), progress=False)
+    losses = summary["object_losses"]  # one batch seen 12 times: the heads and the tower learn it
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])) and losses[-1] < 0.97 * losses[0]
+    # the heads are dropped: the checkpoint is an ordinary LLaVA with no extra weights
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "llava" / "model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "colour" in name or "shape" in name]
+    with pytest.raises(ValueError, match="llava toy VLM only"):
+        pretrain(world, tmp_path / "mllama", replace(TINY, arch="mllama", object_loss=1.0), progress=False)

@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--learning-rate", type=float, default=vlm_defaults.learning_rate)
     vlm.add_argument("--text-hidden", type=int, default=vlm_defaults.text_hidden)
     vlm.add_argument("--vision-hidden", type=int, default=vlm_defaults.vision_hidden)
+    vlm.add_argument("--object-loss", type=float, default=vlm_defaults.object_loss,
+                     help="weight of a per-patch colour/shape classification of the image tokens, a stand-in "
+                          "for a vision encoder pretrained at scale (llava only; default %(default)s: off)")
     vlm.add_argument("--seed", type=int, default=vlm_defaults.seed)
     vlm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
 
@@ -138,7 +141,7 @@ def _pretrain_dm(args: argparse.Namespace) -> int:
         init=str(args.init) if args.init else None,
     )
     summary = train(args.data, args.output, config, device=args.device)
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "object_losses")}, indent=2))
     return 0
 
 
@@ -166,7 +169,7 @@ def _pretrain_vlm(args: argparse.Namespace) -> int:
 
     config = VLMConfig(arch=args.arch, steps=args.steps, batch_size=args.batch_size,
                        learning_rate=args.learning_rate, text_hidden=args.text_hidden,
-                       vision_hidden=args.vision_hidden, seed=args.seed)
+                       vision_hidden=args.vision_hidden, object_loss=args.object_loss, seed=args.seed)
     summary = pretrain(args.data, args.output, config, device=str(resolve_device(args.device)))
-    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "object_losses")}, indent=2))
     return 0

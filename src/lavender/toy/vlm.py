@@ -21,12 +21,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from lavender.records import Record, Turn, read_records
 from lavender.tiny.vlm import MLLAMA_BOS_EOS_PAD, MLLAMA_CHAT_TEMPLATE, MLLAMA_SPECIAL_TOKENS, chat_template
 from lavender.toy.splits import CAPTION_QUESTION
 from lavender.toy.texts import vocabulary
+from lavender.toy.world import COLORS, SHAPES, Scene, render
 
 ARCHS = ("llava", "mllama")
 # Words the chat templates write around the world's texts (roles, punctuation).
@@ -50,6 +53,7 @@ class VLMConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 50
     caption_fraction: float = 0.3  # share of samples that are "Describe the image." → caption
+    object_loss: float = 0.0  # weight of :class:`ObjectLoss` (0: off, as for the committed weights)
     seed: int = 0
 
 
@@ -198,6 +202,59 @@ def pretraining_records(world: Path, caption_fraction: float, seed: int) -> list
     ]
 
 
+def patch_labels(scene: Scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(side², )`` colour and shape classes of each patch of a side×side grid, row-major: 0 for
+    background, else 1 + the index (in ``COLORS`` / ``SHAPES``) of the object covering most of the
+    patch, when it covers at least half of it."""
+    from PIL import Image
+
+    _, masks = render(scene)
+    coverage = np.stack([np.asarray(Image.fromarray(mask.astype(np.float32)).resize((side, side), Image.Resampling.BOX))
+                         for mask in masks])  # (objects, side, side)
+    covered = coverage.max(0).flatten() >= 0.5
+    best = coverage.reshape(len(masks), -1).argmax(0)
+    colours = torch.tensor([1 + list(COLORS).index(obj.color) for obj in scene.objects])[best]
+    shapes = torch.tensor([1 + SHAPES.index(obj.shape) for obj in scene.objects])[best]
+    return colours * torch.from_numpy(covered), shapes * torch.from_numpy(covered)
+
+
+class ObjectLoss(nn.Module):
+    """An auxiliary pretraining loss: every image token (the projector's output) classifies the
+    colour and the shape of the object covering its patch, or background, through two linear heads
+    that are dropped after pretraining.
+
+    It stands in for what a real VLM's vision encoder brings from web-scale pretraining: every
+    attribute encoded where the object is. Captioning alone leaves the toy LLaVA's tokens with an
+    object's colour but barely its shape (docs/toy.md, "Looking or reading?"), and then no
+    alignment can teach it to find "the diamond". LLaVA only: Mllama's tiles put the tokens
+    elsewhere, and nothing has needed it yet.
+    """
+
+    def __init__(self, model, records: list[Record], side: int):
+        super().__init__()
+        if model.config.model_type != "llava":
+            raise ValueError(f"the object loss supports the llava toy VLM only, not {model.config.model_type}")
+        hidden = model.config.get_text_config().hidden_size
+        self.colour = nn.Linear(hidden, len(COLORS) + 1)
+        self.shape = nn.Linear(hidden, len(SHAPES) + 1)
+        self.labels = {record.id: patch_labels(Scene.from_dict(record.extra["scene"]), side) for record in records}
+        self._tokens: torch.Tensor | None = None
+        self._hook = model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self._tokens = output
+
+    def forward(self, record_ids: list[str]) -> torch.Tensor:
+        """The mean cross-entropy of both heads over the image tokens of the latest forward."""
+        tokens = self._tokens.reshape(len(record_ids), -1, self._tokens.shape[-1]).flatten(0, 1)
+        colours, shapes = (torch.cat([self.labels[i][k] for i in record_ids]).to(tokens.device) for k in (0, 1))
+        cross_entropy = nn.functional.cross_entropy
+        return cross_entropy(self.colour(tokens), colours) + cross_entropy(self.shape(tokens), shapes)
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
 def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: str = "cpu",
              progress: bool = True) -> dict:
     """Train a toy VLM from scratch on the world's ``vlm_pretrain`` split; write it to ``output``.
@@ -206,19 +263,24 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
     """
     from tqdm.auto import tqdm
 
-    from lavender.training.data import LavenderCollator, LavenderDataset
+    from lavender.training.data import EXAMPLES_KEY, LavenderCollator, LavenderDataset
 
     records = pretraining_records(Path(world), config.caption_fraction, config.seed)
     model, processor = build_vlm(config)
+    objects = ObjectLoss(model, records, config.image_size // config.patch_size) if config.object_loss else None
     model.to(device).train()
     dataset = LavenderDataset(records, _NoTargets(), processor)
     collator = LavenderCollator(processor)
     generator = torch.Generator().manual_seed(config.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collator, generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    parameters = [*model.parameters(), *(objects.parameters() if objects else ())]
+    if objects:
+        objects.to(device)
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
-    losses: list[float] = []
+    losses: list[float] = []  # the language loss; the object loss apart
+    object_losses: list[float] = []
     start = time.time()
     bar = tqdm(total=config.steps, desc=f"pretrain-vlm {config.arch}", disable=not progress)
     while len(losses) < config.steps:
@@ -226,8 +288,13 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
             inputs = {k: v.to(device) for k, v in batch.items()
                       if isinstance(v, torch.Tensor) and not k.startswith("lavender_")}
             loss = model(**inputs).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            total = loss
+            if objects:
+                object_loss = objects([example.record_id for example in batch[EXAMPLES_KEY]])
+                object_losses.append(object_loss.item())
+                total = loss + config.object_loss * object_loss
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -237,6 +304,8 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
             if len(losses) == config.steps:
                 break
     bar.close()
+    if objects:
+        objects.close()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     model.eval().to("cpu").save_pretrained(output)
@@ -251,6 +320,9 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
         "loss_last": _mean(losses[-20:]),
         "losses": [round(x, 4) for x in losses],
     }
+    if objects:
+        summary.update(object_loss_first=_mean(object_losses[:20]), object_loss_last=_mean(object_losses[-20:]),
+                       object_losses=[round(x, 4) for x in object_losses])
     (output / "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
