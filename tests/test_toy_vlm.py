@@ -80,6 +80,13 @@ def test_patch_labels_name_the_object_covering_each_patch():
     expected[1:3, 2:4] = 1
     assert (colours.view(8, 8).numpy() == expected * (1 + list(COLORS).index("red"))).all()
     assert (shapes.view(8, 8).numpy() == expected * (1 + SHAPES.index("square"))).all()
+    # a small square (half-side 5.6 px) centred on the corner at (40, 40) covers 31 of each of its
+    # four patches' 64 pixels: under half, over a quarter, so the four are labelled
+    small = Object("square", "blue", "small", cx=40.0, cy=40.0, r=7.0, rgb=(0, 0, 200))
+    colours, shapes = patch_labels(replace(scene, objects=(small,)), side=8)
+    expected = np.zeros((8, 8), int)
+    expected[4:6, 4:6] = 1
+    assert (colours.view(8, 8).numpy() == expected * (1 + list(COLORS).index("blue"))).all()
 
 
 def test_object_loss_trains_heads_on_the_image_tokens(world, tmp_path):

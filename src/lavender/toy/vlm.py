@@ -205,13 +205,14 @@ def pretraining_records(world: Path, caption_fraction: float, seed: int) -> list
 def patch_labels(scene: Scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(side², )`` colour and shape classes of each patch of a side×side grid, row-major: 0 for
     background, else 1 + the index (in ``COLORS`` / ``SHAPES``) of the object covering most of the
-    patch, when it covers at least half of it."""
+    patch, when it covers at least a quarter of it (a small square or diamond centred on a patch
+    corner covers each of its four patches by less than half: at a half it would be background)."""
     from PIL import Image
 
     _, masks = render(scene)
     coverage = np.stack([np.asarray(Image.fromarray(mask.astype(np.float32)).resize((side, side), Image.Resampling.BOX))
                          for mask in masks])  # (objects, side, side)
-    covered = coverage.max(0).flatten() >= 0.5
+    covered = coverage.max(0).flatten() >= 0.25
     best = coverage.reshape(len(masks), -1).argmax(0)
     colours = torch.tensor([1 + list(COLORS).index(obj.color) for obj in scene.objects])[best]
     shapes = torch.tensor([1 + SHAPES.index(obj.shape) for obj in scene.objects])[best]
