@@ -208,7 +208,8 @@ def serve(mode: str, model_name: str, device: str, lora: bool) -> None:
         torch.set_num_threads(1)
     step, peaks = prepare(mode, model_name, device, lora)
     step()  # warm-up
-    peaks["forward"].clear(), peaks["step"].clear()  # the timed steps' peaks, not the warm-up's
+    for values in peaks.values():  # the timed steps' peaks, not the warm-up's
+        values.clear()
     print(json.dumps({"ready": mode}), flush=True)
     for command in sys.stdin:
         if command.strip() == "step":

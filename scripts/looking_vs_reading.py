@@ -32,6 +32,7 @@ from transformers import AttentionInterface, AutoModelForImageTextToText, AutoPr
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from lavender.evaluation.attention import mask_coverage
 from lavender.evaluation.generation import model_inputs
 from lavender.toy.world import Scene, render
 
@@ -83,7 +84,7 @@ def centre_cell(obj: dict, image_size: int, side: int) -> int:
 
 def coverage(mask: np.ndarray, side: int) -> np.ndarray:
     """(side²,): the share of each patch cell that a (H, W) mask covers, summing to 1."""
-    cells = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((side, side), Image.Resampling.BOX))
+    cells = mask_coverage(mask, side)
     return (cells / cells.sum()).flatten()
 
 
@@ -133,8 +134,10 @@ def _probe(fit: torch.Tensor, fit_names: list[str], score: torch.Tensor, score_n
     mean, std = fit.mean(0), fit.std(0) + 1e-6
     torch.manual_seed(0)
     width = fit.shape[1]
-    classifier = (torch.nn.Linear(width, len(names)) if hidden == 0 else
-                  torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, len(names))))
+    if hidden == 0:
+        classifier = torch.nn.Linear(width, len(names))
+    else:
+        classifier = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, len(names)))
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2 if hidden == 0 else 3e-3, weight_decay=1e-4)
     for _ in range(500):
         optimizer.zero_grad()

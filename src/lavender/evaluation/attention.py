@@ -84,11 +84,15 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float((x * y).sum() / denominator) if denominator > 0 else None
 
 
+def mask_coverage(mask: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32: the fraction of each cell of a size×size grid over the image that a
+    full-resolution boolean mask covers."""
+    return np.asarray(Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BOX))
+
+
 def mask_on_grid(mask: np.ndarray, size: int) -> np.ndarray:
     """A full-resolution boolean mask as a (size, size) boolean grid (rule in the module docstring)."""
-    coverage = np.asarray(
-        Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BOX), dtype=np.float64
-    )
+    coverage = mask_coverage(mask, size).astype(np.float64)
     grid = coverage >= 0.5
     return grid if grid.any() else coverage > 0
 

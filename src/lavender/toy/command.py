@@ -141,7 +141,7 @@ def _pretrain_dm(args: argparse.Namespace) -> int:
         init=str(args.init) if args.init else None,
     )
     summary = train(args.data, args.output, config, device=args.device)
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("losses", "object_losses")}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
     return 0
 
 

@@ -428,9 +428,10 @@ def write_mask_store(data: Path, store: Path, resolution: int, text: str, invert
 def _coverage(mask, resolution: int, invert: bool = False):
     """The fraction of each of R×R cells the mask covers (or does not, ``invert``), min–max normalised."""
     import numpy as np
-    from PIL import Image
 
-    cells = np.asarray(Image.fromarray(mask.astype(np.float32)).resize((resolution, resolution), Image.Resampling.BOX))
+    from lavender.evaluation.attention import mask_coverage
+
+    cells = mask_coverage(mask, resolution)
     if invert:
         cells = 1.0 - cells
     span = cells.max() - cells.min()

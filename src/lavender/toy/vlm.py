@@ -207,11 +207,10 @@ def patch_labels(scene: Scene, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     background, else 1 + the index (in ``COLORS`` / ``SHAPES``) of the object covering most of the
     patch, when it covers at least a quarter of it (a small square or diamond centred on a patch
     corner covers each of its four patches by less than half: at a half it would be background)."""
-    from PIL import Image
+    from lavender.evaluation.attention import mask_coverage
 
     _, masks = render(scene)
-    coverage = np.stack([np.asarray(Image.fromarray(mask.astype(np.float32)).resize((side, side), Image.Resampling.BOX))
-                         for mask in masks])  # (objects, side, side)
+    coverage = np.stack([mask_coverage(mask, side) for mask in masks])  # (objects, side, side)
     covered = coverage.max(0).flatten() >= 0.25
     best = coverage.reshape(len(masks), -1).argmax(0)
     colours = torch.tensor([1 + list(COLORS).index(obj.color) for obj in scene.objects])[best]
@@ -268,7 +267,8 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
 
     records = pretraining_records(Path(world), config.caption_fraction, config.seed)
     model, processor = build_vlm(config)
-    objects = ObjectLoss(model, records, config.image_size // config.patch_size) if config.object_loss else None
+    side = config.image_size // config.patch_size
+    objects = ObjectLoss(model, records, side).to(device) if config.object_loss else None
     model.to(device).train()
     dataset = LavenderDataset(records, _NoTargets(), processor)
     collator = LavenderCollator(processor)
@@ -276,8 +276,6 @@ def pretrain(world: str | Path, output: str | Path, config: VLMConfig, device: s
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collator, generator=generator)
     parameters = [*model.parameters(), *(objects.parameters() if objects else ())]
-    if objects:
-        objects.to(device)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     losses: list[float] = []  # the language loss; the object loss apart
