@@ -91,7 +91,8 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
 def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world, weights, tmp_path, capsys):
     output = tmp_path / "val"
     common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
-              "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1")  # in this process
+              "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1",  # in this process
+              "--att-layers", "1", "--aggregation", "heads_max")
     import torch
 
     threads = torch.get_num_threads()
@@ -103,11 +104,13 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     assert set(results["summary"]["llava"]["lavender_minus_sft"]) == {"val"}
     assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
     assert "(val):" in (output / "results.md").read_text()
-    # the VLM's maps are compared unnormalised: the trainer got the option
+    # the VLM's maps are compared unnormalised, in the layer and the way chosen: the trainer got the options
     train_keys = (output / "train" / "llava" / "lavender" / "seed0" / "lavender_train.yaml").read_text()
     assert "att_normalization: none\n" in train_keys
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "softmax") == 2
-    assert "unknown --att-normalization 'softmax'" in capsys.readouterr().out
+    assert "att_layers:\n- 1\n" in train_keys and "aggregation: heads_max\n" in train_keys
+    for option, name in (("--att-normalization", "softmax"), ("--aggregation", "median"), ("--aligner", "mlp")):
+        assert _lavender(*common, "--steps", "1", "--arms", "lavender", option, name) == 2
+        assert f"unknown {option} '{name}'" in capsys.readouterr().out
     # the same folder with other settings would mix two runs' models: refused before any work
     assert _lavender(*common, "--steps", "2", "--arms", "lavender", "--att-normalization", "none") == 2
     assert "other steps" in capsys.readouterr().out

@@ -374,3 +374,19 @@ def test_alignment_warmup_trains_on_the_alignment_loss_alone(world, llava):
     trainer.log({"loss": float(loss)})
     assert trainer.state.log_history[-1]["lm_weight"] == 0.0
     trainer.capture.close()
+
+
+def test_freeze_vision_keeps_the_vision_tower_as_pretrained(world, llava):
+    from transformers import AutoModelForImageTextToText
+
+    before = AutoModelForImageTextToText.from_pretrained(llava).state_dict()
+    output = train(build_config(_keys(world, llava, "frozen", use_peft=False, freeze_vision=True, max_steps=2,
+                                      learning_rate=1e-2)))
+    after = AutoModelForImageTextToText.from_pretrained(output).state_dict()
+    tower = [name for name in before if ".vision_tower." in name]
+    language = [name for name in before if ".language_model." in name and name.endswith("q_proj.weight")]
+    assert tower and language
+    assert all(torch.equal(before[name], after[name]) for name in tower)
+    assert all(not torch.equal(before[name], after[name]) for name in language)  # the rest did train
+    with pytest.raises(ConfigError, match="freeze_vision and lora_vision"):
+        build_trainer(build_config(_keys(world, llava, "bad", freeze_vision=True, lora_vision=True)))

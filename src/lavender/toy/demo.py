@@ -73,6 +73,9 @@ class DemoSettings:
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
     normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
+    layers: tuple[int, ...] | None = None  # the decoder layers aligned; None: the architecture's default
+    aggregation: str | None = None  # how layers and heads become one map; None: `lavender train`'s (mean)
+    freeze_vision: bool = False  # every arm keeps the vision tower as pretrained
     resolution: int = 8  # the VLMs see an 8×8 patch grid
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
     world_seed: int = 0
@@ -117,6 +120,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--att-normalization", default=None,
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
                              "the targets' own, min–max); none compares the raw attention mass with the targets")
+    parser.add_argument("--att-layers", type=int, nargs="+", default=None,
+                        help="decoder layers aligned (default: the architecture's default, the middle half)")
+    parser.add_argument("--aggregation", default=None,
+                        help="how layers and heads become one map (default: lavender train's, mean)")
+    parser.add_argument("--freeze-vision", action="store_true", default=None,
+                        help="fine-tune with the vision tower frozen, in every arm")
     parser.add_argument("--validation", action="store_true",
                         help="evaluate on the val split instead of the test splits (to choose settings)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=None,
@@ -134,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                  "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
                  "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
                  "rows": args.att_rows, "normalization": args.att_normalization, "world_seed": args.world_seed,
+                 "layers": tuple(args.att_layers) if args.att_layers else None, "aggregation": args.aggregation,
+                 "freeze_vision": args.freeze_vision,
                  "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
                  "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -141,13 +152,10 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    if settings.normalization is not None:
-        from lavender.alignment.loss import NORMALIZATIONS
-
-        if settings.normalization not in NORMALIZATIONS:
-            print(f"lavender demo: unknown --att-normalization {settings.normalization!r}; "
-                  f"choose one of {', '.join(sorted(NORMALIZATIONS))}")
-            return 2
+    unknown = _unknown_names(settings)
+    if unknown:
+        print(f"lavender demo: {unknown}")
+        return 2
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
     except FileNotFoundError as error:
@@ -161,6 +169,20 @@ def run(args: argparse.Namespace) -> int:
     print(format_results(results))
     print(f"\nwrote {args.output}/results.md, results.json and figures/")
     return 0
+
+
+def _unknown_names(settings: DemoSettings) -> str | None:
+    """The first option naming no registry entry, as an error; checked before any work starts."""
+    from lavender.alignment.aggregation import AGGREGATIONS
+    from lavender.alignment.aligners import ALIGNERS
+    from lavender.alignment.loss import NORMALIZATIONS
+
+    for option, name, registry in (("--aligner", settings.aligner, ALIGNERS),
+                                   ("--aggregation", settings.aggregation, AGGREGATIONS),
+                                   ("--att-normalization", settings.normalization, NORMALIZATIONS)):
+        if name is not None and name not in registry:
+            return f"unknown {option} {name!r}; choose one of {', '.join(sorted(registry))}"
+    return None
 
 
 def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
@@ -494,6 +516,9 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
+        "att_layers": list(settings.layers) if settings.layers else None,
+        **({"aggregation": settings.aggregation} if settings.aggregation else {}),
+        "freeze_vision": settings.freeze_vision,
         "max_steps": settings.steps, "per_device_train_batch_size": settings.batch_size,
         "learning_rate": settings.learning_rate, "lr_scheduler_type": "cosine", "warmup_steps": 0,
         "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,

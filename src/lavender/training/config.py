@@ -81,6 +81,9 @@ class LavenderArguments:
     lora_target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_vision: bool = False  # the names also in the vision tower (the authors' LoRA: both towers)
     save_merged: bool = False  # LoRA: merged weights in output_dir (plain transformers), the adapter in adapter/
+    # full fine-tuning: the vision tower keeps its pretrained weights (LLaVA's second stage); the
+    # attention loss then moves where the language model looks, not what the image features say
+    freeze_vision: bool = False
 
     # data
     train_file: str | None = None

@@ -134,6 +134,8 @@ def build_trainer(config: TrainConfig):
         hidden_size=text_config.hidden_size,
     )
     model.add_module(HEAD_NAME, head)
+    if args.freeze_vision:
+        _freeze_vision_tower(model, config)
     if args.use_peft:
         model = _with_lora(model, config)
         head.requires_grad_(True)
@@ -241,6 +243,19 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
             continue
         return path
     return None
+
+
+def _freeze_vision_tower(model, config: TrainConfig) -> None:
+    args = config.lavender
+    if args.use_peft and args.lora_vision:
+        raise ConfigError("freeze_vision and lora_vision contradict each other: drop one")
+    towers = [module for name, module in model.named_modules() if name.split(".")[-1] in VISION_TOWERS]
+    if not towers:
+        raise ConfigError(
+            f"freeze_vision: {args.model_name_or_path} has no vision tower named one of {', '.join(VISION_TOWERS)}"
+        )
+    for tower in towers:
+        tower.requires_grad_(False)
 
 
 def _with_lora(model, config: TrainConfig):
