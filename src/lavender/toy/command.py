@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--vision-hidden", type=int, default=vlm_defaults.vision_hidden)
     vlm.add_argument("--object-loss", type=float, default=vlm_defaults.object_loss,
                      help="weight of a per-patch colour/shape classification of the image tokens, a stand-in "
-                          "for a vision encoder pretrained at scale (llava only; default %(default)s: off)")
+                          "for a vision encoder pretrained at scale (default %(default)s: off)")
     vlm.add_argument("--seed", type=int, default=vlm_defaults.seed)
     vlm.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
 

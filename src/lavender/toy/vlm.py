@@ -226,14 +226,16 @@ class ObjectLoss(nn.Module):
     It stands in for what a real VLM's vision encoder brings from web-scale pretraining: every
     attribute encoded where the object is. Captioning alone leaves the toy LLaVA's tokens with an
     object's colour but barely its shape (docs/toy.md, "Looking or reading?"), and then no
-    alignment can teach it to find "the diamond". LLaVA only: Mllama's tiles put the tokens
-    elsewhere, and nothing has needed it yet.
+    alignment can teach it to find "the diamond". The toy Mllama's one tile holds its CLS token
+    first, then the patches row-major; the CLS token has no patch and is left out.
     """
 
     def __init__(self, model, records: list[Record], side: int):
         super().__init__()
-        if model.config.model_type != "llava":
-            raise ValueError(f"the object loss supports the llava toy VLM only, not {model.config.model_type}")
+        # image tokens before the patches: Mllama's CLS (the toy has one tile)
+        self.skip = {"llava": 0, "mllama": 1}.get(model.config.model_type)
+        if self.skip is None:
+            raise ValueError(f"the object loss supports the toy VLMs (llava, mllama), not {model.config.model_type}")
         hidden = model.config.get_text_config().hidden_size
         self.colour = nn.Linear(hidden, len(COLORS) + 1)
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
@@ -246,7 +248,7 @@ class ObjectLoss(nn.Module):
 
     def forward(self, record_ids: list[str]) -> torch.Tensor:
         """The mean cross-entropy of both heads over the image tokens of the latest forward."""
-        tokens = self._tokens.reshape(len(record_ids), -1, self._tokens.shape[-1]).flatten(0, 1)
+        tokens = self._tokens.reshape(len(record_ids), -1, self._tokens.shape[-1])[:, self.skip :].flatten(0, 1)
         colours, shapes = (torch.cat([self.labels[i][k] for i in record_ids]).to(tokens.device) for k in (0, 1))
         cross_entropy = nn.functional.cross_entropy
         return cross_entropy(self.colour(tokens), colours) + cross_entropy(self.shape(tokens), shapes)
