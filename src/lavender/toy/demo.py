@@ -121,7 +121,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
                              "the targets' own, min–max); none compares the raw attention mass with the targets")
     parser.add_argument("--att-layers", type=int, nargs="+", default=None,
-                        help="decoder layers aligned (default: the architecture's default, the middle half)")
+                        help="decoder layers aligned (default: the architecture's: the middle half; "
+                             "Mllama's cross-attention layers)")
     parser.add_argument("--aggregation", default=None,
                         help="how layers and heads become one map (default: lavender train's, mean)")
     parser.add_argument("--freeze-vision", action="store_true", default=None,
