@@ -329,6 +329,8 @@ def _check_lavender(args: LavenderArguments) -> None:
             raise ConfigError(f"{name} must be positive, got {getattr(args, name)}")
     if args.att_layers is not None and (not args.att_layers or min(args.att_layers) < 0):
         raise ConfigError(f"att_layers must be layer indices >= 0 (e.g. 0,1), got {args.att_layers!r}")
+    if args.freeze_vision and args.use_peft and args.lora_vision:
+        raise ConfigError("freeze_vision and lora_vision contradict each other: drop one")
 
 
 # TrainingArguments keys whose range TrainingArguments itself does not check

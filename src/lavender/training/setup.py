@@ -247,8 +247,6 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 def _freeze_vision_tower(model, config: TrainConfig) -> None:
     args = config.lavender
-    if args.use_peft and args.lora_vision:
-        raise ConfigError("freeze_vision and lora_vision contradict each other: drop one")
     towers = [module for name, module in model.named_modules() if name.split(".")[-1] in VISION_TOWERS]
     if not towers:
         raise ConfigError(
