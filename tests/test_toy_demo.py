@@ -92,8 +92,11 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     output = tmp_path / "val"
     common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
               "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1",  # in this process
-              "--att-layers", "1", "--aggregation", "heads_max")
+              "--att-layers", "1", "--aggregation", "heads_max", "--text", "answer", "--teacher-text", "both",
+              "--teacher-resolutions", "16")
     import torch
+
+    from lavender.teacher.store import open_store
 
     threads = torch.get_num_threads()
     assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none") == 0
@@ -108,6 +111,12 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     train_keys = (output / "train" / "llava" / "lavender" / "seed0" / "lavender_train.yaml").read_text()
     assert "att_normalization: none\n" in train_keys
     assert "att_layers:\n- 1\n" in train_keys and "aggregation: heads_max\n" in train_keys
+    # the teacher read question and answer together; only the answer words are aligned
+    teacher = open_store(output / "targets" / "sft").metadata["settings"]
+    assert teacher["text"] == "both" and teacher["resolutions"] == [16]
+    assert "att_text: answer\n" in train_keys
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--text", "both", "--teacher-text", "answer") == 2
+    assert "--teacher-text answer leaves out words --text both aligns" in capsys.readouterr().out
     for option, name in (("--att-normalization", "softmax"), ("--aggregation", "median"), ("--aligner", "mlp")):
         assert _lavender(*common, "--steps", "1", "--arms", "lavender", option, name) == 2
         assert f"unknown {option} '{name}'" in capsys.readouterr().out

@@ -70,13 +70,19 @@ def test_teacher_reads_the_model_and_quality_is_scored(trained):
     from lavender.toy.quality import measure
 
     root, _ = trained
-    result = measure(root / "model", root / "world", split="val", texts=("caption", "question"), batch_size=2,
-                     resolutions=(16, 8))
+    result = measure(root / "model", root / "world", split="val", texts=("caption", "question", "answer", "both"),
+                     batch_size=2, resolutions=(16, 8))
     assert result["records"] == 3
-    for text in ("caption", "question"):
+    for text in ("caption", "question", "both"):
         overall = result["scores"][text]["all"]
         assert overall["words"] > 0
         assert all(0.0 <= overall[key] <= 1.0 for key in ("pointing", "word_blind", "chance"))
+    # read together, every masked word of either side is scored once, under its side
+    scores = result["scores"]
+    both = {category: s["words"] for category, s in scores["both"].items() if category != "all"}
+    assert all(category.split()[0] in ("question", "answer") for category in both)
+    assert sum(n for c, n in both.items() if c.startswith("question ")) == scores["question"]["all"]["words"]
+    assert sum(n for c, n in both.items() if c.startswith("answer ")) == scores["answer"]["all"]["words"]
 
 
 def test_auroc_and_pointing_against_hand_computed_cases():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from lavender.toy.quality import TEXTS
     from lavender.toy.splits import WORLD_NAMES, get_world
 
     actions = parser.add_subparsers(dest="toy_command", metavar="ACTION", required=True)
@@ -71,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--data", required=True, type=Path, help="the world folder")
     quality.add_argument("--split", default="val", help="split to score (default val: never a test split)")
     quality.add_argument("--limit", type=int, default=None, help="score only the first N records")
+    quality.add_argument("--texts", nargs="+", choices=TEXTS, default=list(TEXTS),
+                         help="texts to score (both: question and answer read together, as --text both)")
     quality.add_argument("--timesteps", type=int, nargs="+", default=None, help="teacher timesteps")
     quality.add_argument("--resolutions", type=int, nargs="+", default=None, help="attention resolutions to keep")
     quality.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")
@@ -154,7 +157,7 @@ def _dm_quality(args: argparse.Namespace) -> int:
         settings["timesteps"] = tuple(args.timesteps)
     if args.resolutions:
         settings["resolutions"] = tuple(args.resolutions)
-    result = measure(args.model, args.data, split=args.split, limit=args.limit,
+    result = measure(args.model, args.data, split=args.split, limit=args.limit, texts=tuple(args.texts),
                      device=str(resolve_device(args.device)), **settings)
     print(format_table(result))
     if args.output is not None:

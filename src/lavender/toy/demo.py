@@ -70,6 +70,9 @@ class DemoSettings:
     learning_rate: float = 1e-3
     att_weight: float = 10.0  # the paper's λ and `lavender train`'s default
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
+    # the text the diffusion model reads; None: the aligned words' side. "both" with text "answer"
+    # aligns the answer words only, with maps read after their question (a lone word is no prompt)
+    teacher_text: str | None = None
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
     normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
@@ -78,6 +81,7 @@ class DemoSettings:
     freeze_vision: bool = False  # every arm keeps the vision tower as pretrained
     resolution: int = 8  # the VLMs see an 8×8 patch grid
     timesteps: tuple[int, ...] = (100, 300, 500)  # the teacher's defaults
+    teacher_resolutions: tuple[int, ...] | None = None  # attention sizes the teacher keeps; None: its default
     world_seed: int = 0
     eval_splits: tuple[str, ...] = TEST_SPLITS  # ("val",): choosing settings
     arms: tuple[str, ...] = ARMS
@@ -114,6 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"fine-tuning learning rate (default {defaults.learning_rate})")
     parser.add_argument("--text", choices=TEXT_SIDES, default=None,
                         help=f"the words aligned (default {defaults.text})")
+    parser.add_argument("--teacher-text", choices=TEXT_SIDES, default=None,
+                        help="the text the diffusion model reads (default: --text's side); it must hold the "
+                             "aligned words: both with --text answer gives answer maps read after the question")
+    parser.add_argument("--teacher-resolutions", type=int, nargs="+", default=None,
+                        help="the diffusion model's attention sizes kept (lavender targets --resolutions; "
+                             "default: all but the coarsest)")
     parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
     parser.add_argument("--att-rows", choices=QUERY_ROWS, default=None,
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
@@ -142,7 +152,9 @@ def run(args: argparse.Namespace) -> int:
     settings = QUICK if args.quick else DemoSettings()
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
                  "att_weight": args.att_weight, "sft_size": args.sft_size, "eval_size": args.eval_size,
-                 "learning_rate": args.learning_rate, "text": args.text, "aligner": args.aligner,
+                 "learning_rate": args.learning_rate, "text": args.text, "teacher_text": args.teacher_text,
+                 "teacher_resolutions": tuple(args.teacher_resolutions) if args.teacher_resolutions else None,
+                 "aligner": args.aligner,
                  "rows": args.att_rows, "normalization": args.att_normalization, "world_seed": args.world_seed,
                  "layers": tuple(args.att_layers) if args.att_layers else None, "aggregation": args.aggregation,
                  "freeze_vision": args.freeze_vision,
@@ -153,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    unknown = _unknown_names(settings)
-    if unknown:
-        print(f"lavender demo: {unknown}")
+    problem = _unknown_names(settings) or _teacher_text_problem(settings)
+    if problem:
+        print(f"lavender demo: {problem}")
         return 2
     try:
         models = locate_models(args.weights, args.dm, settings.archs)
@@ -184,6 +196,13 @@ def _unknown_names(settings: DemoSettings) -> str | None:
         if name is not None and name not in registry:
             return f"unknown {option} {name!r}; choose one of {', '.join(sorted(registry))}"
     return None
+
+
+def _teacher_text_problem(settings: DemoSettings) -> str | None:
+    if settings.teacher_text in (None, "both", settings.text):
+        return None
+    return (f"--teacher-text {settings.teacher_text} leaves out words --text {settings.text} aligns; "
+            f"give --teacher-text both or {settings.text}")
 
 
 def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
@@ -400,8 +419,10 @@ def _cli(argv: list[str]) -> None:
 
 
 def _teacher_targets(dm: Path, data: Path, store: Path, settings: DemoSettings) -> Path:
-    _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store), "--text", settings.text,
+    _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store),
+          "--text", settings.teacher_text or settings.text,
           "--resolution", str(settings.resolution), "--timesteps", ",".join(map(str, settings.timesteps)),
+          *(["--resolutions", ",".join(map(str, settings.teacher_resolutions))] if settings.teacher_resolutions else []),
           "--device", "cpu"])
     return store
 

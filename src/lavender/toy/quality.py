@@ -11,8 +11,10 @@ ground-truth masks:
   salient, so even a model that ignores the text points at *some* object; a map is word-specific
   only where its pointing beats this.
 
-Scored per word category (colour, shape, size, other), on three texts: the question, the
-answer, and the scene's full caption (the text the model was trained on).
+Scored per word category (colour, shape, size, other), on four texts: the question, the
+answer, the two read together as ``lavender targets --text both`` reads them (each word scored
+under its side: "answer color" is the answer's colour word read after its question), and the
+scene's full caption (the text the model was trained on).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CATEGORIES = {
     **{plural(s): "shape" for s in SHAPES},
     **{s: "size" for s in SIZES},
 }
-TEXTS = ("caption", "question", "answer")
+TEXTS = ("caption", "question", "answer", "both")
 
 
 def word_category(key: str) -> str:
@@ -106,29 +108,42 @@ def measure(model: str | Path, world: str | Path, split: str = "val", limit: int
 
     world = Path(world)
     records = read_records(world / f"{split}.jsonl")[:limit]
-    teacher = Teacher(model, ExtractionSettings(text="question", **settings), device=device)
+    # a single text goes in as the "question" side; "both" reads the two sides as one prompt
+    teachers = {reading: Teacher(model, ExtractionSettings(text=reading, **settings), device=device)
+                for reading in dict.fromkeys(_reading(text) for text in texts)}
+    teacher = next(iter(teachers.values()))
     resolution = teacher.settings.resolution
     results: dict[str, dict[str, dict]] = {}
     for text in texts:
+        reader = teachers[_reading(text)]
         scores: dict[str, list[dict]] = defaultdict(list)
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            prompts = [{"question": _text(r, text)} for r in batch]
+            if text == "both":
+                prompts = [{side: r.text(side) for side in ("question", "answer")} for r in batch]
+            else:
+                prompts = [{"question": _text(r, text)} for r in batch]
             seeds = [record_seed(teacher.settings.seed, r.id) for r in batch]
-            outputs = teacher.word_maps([load_image(r.image) for r in batch], prompts, seeds)
+            outputs = reader.word_maps([load_image(r.image) for r in batch], prompts, seeds)
             for record, output in zip(batch, outputs):
                 if not output.maps:
                     continue
                 blind = np.mean(list(output.maps.values()), axis=0)
+                sides = {entry.key: entry.spans[0][0] for entry in output.words}
                 for word, mask in _masks(record, text, resolution, world).items():
                     if word in output.maps and mask.any():
                         score = score_map(output.maps[word], mask)
                         score["blind_hit"] = peak_hit(blind, mask)
-                        scores[word_category(word)].append(score)
+                        category = word_category(word)
+                        scores[f"{sides[word]} {category}" if text == "both" else category].append(score)
         scores["all"] = [s for category in list(scores) for s in scores[category]]
         results[text] = {category: _summarise(values) for category, values in sorted(scores.items())}
     return {"split": split, "records": len(records), "settings": teacher.settings.to_dict(), "layers": teacher.layers,
             "scores": results}
+
+
+def _reading(text: str) -> str:
+    return "both" if text == "both" else "question"
 
 
 def _text(record: Record, text: str) -> str:
