@@ -58,7 +58,9 @@ def peaks(data: Path, store_path: Path) -> dict[str, dict[str, float]]:
     store = open_store(store_path)
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for record in read_records(data):
-        if record.id not in store or record.answer not in store.get(record.id):
+        maps = store.get(record.id) if record.id in store else {}
+        answer_mask = load_masks(record, data.parent).get(record.answer)
+        if record.answer not in maps or answer_mask is None:  # e.g. the first world's yes/no answers
             continue
         scene = Scene.from_dict(record.extra["scene"])
         _, masks = render(scene)
@@ -66,10 +68,9 @@ def peaks(data: Path, store_path: Path) -> dict[str, dict[str, float]]:
         owner = np.full((store.resolution, store.resolution), -1)
         for index, mask in enumerate(masks):
             owner[mask_on_grid(mask, store.resolution)] = index
-        answer_mask = load_masks(record, data.parent)[record.answer]
         named = max(range(len(masks)), key=lambda i: np.logical_and(masks[i], answer_mask).sum())
         decoy = max(range(len(scene.objects)), key=lambda i: scene.objects[i].r)
-        peak = owner.ravel()[int(np.argmax(store.get(record.id)[record.answer]))]
+        peak = owner.ravel()[int(np.argmax(maps[record.answer]))]
         kind = "named" if peak == named else "decoy" if peak == decoy else "background" if peak < 0 else "other"
         for group in (record.extra["question_type"], "all"):
             counts[group]["n"] += 1

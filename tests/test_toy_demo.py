@@ -115,6 +115,16 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     teacher = open_store(output / "targets" / "sft").metadata["settings"]
     assert teacher["text"] == "both" and teacher["resolutions"] == [16]
     assert "att_text: answer\n" in train_keys
+    # and only the aligned (answer) words are measured: the VLM's attention and the teacher's maps
+    from lavender.records import read_records
+    from lavender.toy.demo import aligned_keys
+
+    answers = {r.id: aligned_keys(r, "answer") for r in read_records(output / "data" / "val.jsonl")}
+    for model in ("pretrained", "lavender/seed0"):  # the pretrained VLM has no training run to say so
+        rows = [json.loads(line) for line in
+                (output / "eval" / "llava" / model / "val" / "attention.jsonl").read_text().splitlines()]
+        assert rows and all(row["word"] in answers[row["id"]] for row in rows)
+    assert 0 < results["teacher"]["val"]["words"] <= sum(map(len, answers.values()))
     assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--text", "both", "--teacher-text", "answer") == 2
     assert "--teacher-text answer leaves out words --text both aligns" in capsys.readouterr().out
     for option, name in (("--att-normalization", "softmax"), ("--aggregation", "median"), ("--aligner", "mlp")):

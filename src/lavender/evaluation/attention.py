@@ -239,8 +239,12 @@ def evaluate_attention(
     batch_size: int = 8,
     output: str | Path | None = None,
     query_rows: str = "word",
+    text: str | None = None,
 ) -> dict[str, Any]:
     """Attention metrics over the records that have teacher maps and/or masks.
+
+    ``text``: whose words are measured (question, answer or both); None: the target store's text
+    (a store read with both sides serves a model aligned on one).
 
     Writes one line per record, word and map kind to ``output/attention.jsonl`` when ``output`` is
     given. Records that cannot be measured (unreadable image or mask, text the template changed)
@@ -255,6 +259,7 @@ def evaluate_attention(
         store = open_store(targets)
         size = store.resolution
         side = store.metadata.get("settings", {}).get("text", "both")
+    side = text or side
     failed: list[dict[str, str]] = []
     masks: dict[str, dict[str, np.ndarray]] = {}
     for record in records:

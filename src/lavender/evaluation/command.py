@@ -17,7 +17,7 @@ from typing import Any
 
 from lavender.evaluation.report import PREDICTIONS
 from lavender.evaluation.scoring import SCORERS
-from lavender.training.config import QUERY_ROWS
+from lavender.training.config import QUERY_ROWS, TEXT_SIDES
 
 SETTINGS = "eval_settings.json"
 
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--att-rows", choices=QUERY_ROWS,
                         help="whose attention a word's map is: its own tokens' rows or the rows predicting them "
                              "(default: the training run's att_rows, else word)")
+    parser.add_argument("--att-text", choices=TEXT_SIDES,
+                        help="whose words' attention is measured (default: the training run's att_text, else the "
+                             "target store's text)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two evaluation output folders")
@@ -94,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
             model_dir=args.model,
             layers=args.att_layers or _trained_setting(Path(args.model), "att_layers"),
             query_rows=args.att_rows or _trained_setting(Path(args.model), "att_rows") or "word",
+            text=args.att_text or _trained_setting(Path(args.model), "att_text"),
             size=args.map_size,
             batch_size=args.batch_size,
             output=output,

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--split", default="val", help="split to score (default val: never a test split)")
     quality.add_argument("--limit", type=int, default=None, help="score only the first N records")
     quality.add_argument("--texts", nargs="+", choices=TEXTS, default=list(TEXTS),
-                         help="texts to score (both: question and answer read together, as --text both)")
+                         help="texts to score (both: question and answer read together, as `lavender targets "
+                              "--text both` reads them)")
     quality.add_argument("--timesteps", type=int, nargs="+", default=None, help="teacher timesteps")
     quality.add_argument("--resolutions", type=int, nargs="+", default=None, help="attention resolutions to keep")
     quality.add_argument("--output", type=Path, default=None, help="also write the result as JSON here")

@@ -161,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                  "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
                  "eval_splits": ("val",) if args.validation else None}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.teacher_text == settings.text:  # one setting, one spelling: run.json compares them
+        settings = replace(settings, teacher_text=None)
     jobs = args.jobs or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
@@ -263,7 +265,7 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     results = {
         "settings": asdict(settings),
         "models": {name: str(path) for name, path in models.items()},
-        "teacher": {split: teacher_quality(stores[split], data[split]) for split in stores},
+        "teacher": {split: teacher_quality(stores[split], data[split], settings.text) for split in stores},
         "accuracy": accuracy_table(evaluations, settings),
         "attention": attention_table(evaluations, settings),
     }
@@ -499,8 +501,9 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
 
     Record *i* borrows the teacher maps of record π(i), π a seeded derangement of the records that
     have maps; a word takes the lender's map of the same word when it has one, else the lender's
-    maps in turn. The maps are the teacher's in kind, normalisation and sharpness; only which
-    image they belong to is wrong.
+    maps in turn (with a teacher that read both sides, these may be question words' maps). The
+    maps are the teacher's in kind, normalisation and sharpness; only which image they belong to
+    is wrong.
     """
     import numpy as np
 
@@ -557,7 +560,8 @@ def _evaluate(model: Path, data: dict[str, Path], stores: dict[str, Path], outpu
     for split in (TRAIN_SPLIT, *settings.eval_splits):
         folder = output / split
         if not (folder / "metrics.json").is_file():
-            attention = ["--targets", str(stores[split]), "--att-rows", settings.rows] if split in stores else []
+            attention = (["--targets", str(stores[split]), "--att-rows", settings.rows, "--att-text", settings.text]
+                         if split in stores else [])
             _cli(["eval", "--model", str(model), "--data", str(data[split]), "--output", str(folder),
                   *attention, "--max-new-tokens", "6", "--batch-size", "16", "--device", "cpu", "--dtype", "float32"])
         metrics[split] = json.loads((folder / "metrics.json").read_text())
@@ -662,8 +666,17 @@ def _mean_of(values) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def teacher_quality(store_path: Path, data: Path) -> dict:
-    """The teacher's maps against the masks: pointing accuracy, IoU and entropy per word."""
+def aligned_keys(record, text: str) -> set[str]:
+    """The word keys of ``record``'s aligned side(s): question, answer or both."""
+    from lavender.words import split_words
+
+    sides = ("question", "answer") if text == "both" else (text,)
+    return {word.key for side in sides for word in split_words(record.text(side))}
+
+
+def teacher_quality(store_path: Path, data: Path, text: str) -> dict:
+    """The teacher's maps of the aligned words (``text``'s side) against the masks: pointing
+    accuracy, IoU and entropy per word."""
     from lavender.evaluation.attention import load_masks, mask_on_grid, summarize_words, word_metrics
     from lavender.records import read_records
     from lavender.teacher.store import open_store
@@ -674,8 +687,9 @@ def teacher_quality(store_path: Path, data: Path) -> dict:
         if record.id not in store:
             continue
         maps = store.get(record.id)
+        aligned = aligned_keys(record, text)
         for key, mask in load_masks(record, Path(data).parent).items():
-            if key in maps:
+            if key in maps and key in aligned:
                 metrics = word_metrics(maps[key], mask_grid=mask_on_grid(mask, store.resolution))
                 rows.append({"id": record.id, "word": key, "map": "teacher", **metrics})
     summary = summarize_words(rows).get("teacher", {"words": 0})
@@ -689,13 +703,14 @@ def _figures(models, data, stores, output: Path, settings: DemoSettings, results
     for arch in settings.archs if "lavender" in settings.arms else ():
         paths += [str(p) for p in word_map_figures(
             models[arch], output / "train" / arch / "lavender" / "seed0", data[settings.shown_split], stores[settings.shown_split],
-            output / "figures", arch, query_rows=settings.rows)]
+            output / "figures", arch, text=settings.text, query_rows=settings.rows)]
     return paths
 
 
 def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, folder: Path, arch: str,
-                     query_rows: str = "word", examples: int = 3) -> list[Path]:
-    """Per example: the masks, the teacher's maps, the VLM's before and after fine-tuning."""
+                     text: str = "both", query_rows: str = "word", examples: int = 3) -> list[Path]:
+    """Per example: the masks, the teacher's maps, the VLM's before and after fine-tuning, for the
+    aligned words (``text``'s side)."""
     from lavender.evaluation.attention import load_masks, record_word_maps
     from lavender.evaluation.generation import load_model
     from lavender.figures import plot_word_maps
@@ -704,17 +719,17 @@ def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, fo
     from lavender.teacher.store import open_store
 
     store = open_store(store_path)
-    side = store.metadata["settings"]["text"]
     records = [r for r in read_records(data) if r.id in store and r.extra.get("masks")][:examples]
     loaded = {"VLM before": load_model(before), "VLM after (Lavender)": load_model(after)}
     paths = []
     for record in records:
-        teacher = store.get(record.id)
+        aligned = aligned_keys(record, text)
+        teacher = {key: word_map for key, word_map in store.get(record.id).items() if key in aligned}
         keys = list(teacher)
         maps = {"mask": {k: m.astype(float) for k, m in load_masks(record, Path(data).parent).items() if k in keys},
                 "teacher": teacher}
         for title, (model, processor) in loaded.items():
-            maps[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=side,
+            maps[title] = record_word_maps(model, processor, record, keys, size=store.resolution, side=text,
                                            query_rows=query_rows)
         paths.append(plot_word_maps(load_image(record.image), maps, folder / f"maps_{arch}_{record.id}.png"))
     return paths

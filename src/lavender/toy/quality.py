@@ -13,8 +13,9 @@ ground-truth masks:
 
 Scored per word category (colour, shape, size, other), on four texts: the question, the
 answer, the two read together as ``lavender targets --text both`` reads them (each word scored
-under its side: "answer color" is the answer's colour word read after its question), and the
-scene's full caption (the text the model was trained on).
+under its side: "answer color" is the answer's colour word read after its question; a word on
+both sides has one summed map, scored under the question), and the scene's full caption (the
+text the model was trained on).
 """
 
 from __future__ import annotations
@@ -138,8 +139,8 @@ def measure(model: str | Path, world: str | Path, split: str = "val", limit: int
                         scores[f"{sides[word]} {category}" if text == "both" else category].append(score)
         scores["all"] = [s for category in list(scores) for s in scores[category]]
         results[text] = {category: _summarise(values) for category, values in sorted(scores.items())}
-    return {"split": split, "records": len(records), "settings": teacher.settings.to_dict(), "layers": teacher.layers,
-            "scores": results}
+    settings = {key: value for key, value in teacher.settings.to_dict().items() if key != "text"}  # per text
+    return {"split": split, "records": len(records), "settings": settings, "layers": teacher.layers, "scores": results}
 
 
 def _reading(text: str) -> str:
