@@ -24,6 +24,7 @@ from lavender.errors import LavenderError
 IMAGE_MARKER = "<image>"
 Role = Literal["user", "assistant"]
 Side = Literal["question", "answer"]
+SIDES: tuple[Side, ...] = ("question", "answer")
 
 # Speaker names seen in the wild → our two roles.
 _ROLES: dict[str, Role] = {
@@ -266,6 +267,11 @@ def _text(value: Any, name: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise _Unusable(f"{name} must be text, got {'null' if value is None else _kind(value)}")
+
+
+def text_sides(text: str) -> tuple[Side, ...]:
+    """The sides a text choice (``question``, ``answer`` or ``both``) names."""
+    return SIDES if text == "both" else (text,)
 
 
 def _question_answer(raw: dict) -> list[Turn]:

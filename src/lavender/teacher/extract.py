@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lavender.records import SIDES, text_sides
 from lavender.words import Word, split_words, tokens_of_words
 
 # The text sides a record can supply, and how "both" is laid out in one prompt.
-SIDES = ("question", "answer")
 BOTH_SEPARATOR = "\n"
 # How an image reaches the UNet: stretched to the native square, or with its aspect ratio kept.
 ASPECTS = ("stretch", "keep")
@@ -535,7 +535,7 @@ class Teacher:
     def _prompt(self, sides: dict[str, str]) -> tuple[str, list[tuple[str, Word, Word]]]:
         """The prompt for one record, and each of its words as (side, span in the prompt,
         span in the side's own text)."""
-        chosen = SIDES if self.settings.text == "both" else (self.settings.text,)
+        chosen = text_sides(self.settings.text)
         parts, layout, offset = [], [], 0
         for side in chosen:
             text = sides[side]

@@ -25,8 +25,8 @@ from pathlib import Path
 from lavender.errors import LavenderError
 from lavender.files import exclusive
 from lavender.images import ImageError, load_image
-from lavender.records import Record
-from lavender.teacher.extract import SIDES, SampleMaps, Teacher, record_seed
+from lavender.records import Record, text_sides
+from lavender.teacher.extract import SampleMaps, Teacher, record_seed
 from lavender.teacher.store import (
     SHARDS,
     ShardRecord,
@@ -75,7 +75,7 @@ def records_fingerprint(records: list[Record]) -> dict:
 def _texts(record: Record, text: str) -> list[tuple[int, dict[str, str]]]:
     """(exchange index, its text per side) for each exchange with text on the chosen sides;
     raises ValueError when there is none."""
-    sides = SIDES if text == "both" else (text,)
+    sides = text_sides(text)
     chosen = []
     for turn, exchange in enumerate(record.exchanges()):
         texts = {side: exchange.text(side).strip() for side in sides}

@@ -440,7 +440,7 @@ def write_mask_store(data: Path, store: Path, resolution: int, text: str, invert
     import numpy as np
 
     from lavender.evaluation.attention import load_masks
-    from lavender.records import read_records
+    from lavender.records import read_records, text_sides
     from lavender.teacher.run import records_fingerprint
     from lavender.teacher.store import ShardRecord, finished_shards, prepare_store, write_shard
     from lavender.words import split_words
@@ -453,12 +453,11 @@ def write_mask_store(data: Path, store: Path, resolution: int, text: str, invert
     if finished_shards(store):
         return store
     stored = []
-    sides = ("question", "answer") if text == "both" else (text,)
     for record in records:
         masks = {key: _coverage(mask, resolution, invert) for key, mask in load_masks(record, Path(data).parent).items()}
         words: dict[str, dict] = {}
         missing = []
-        for side in sides:
+        for side in text_sides(text):
             for word in split_words(record.text(side)):
                 if word.key in masks and masks[word.key].max() > 0:
                     entry = words.setdefault(word.key, {"key": word.key, "text": word.text, "spans": []})
@@ -668,17 +667,17 @@ def _mean_of(values) -> float | None:
 
 def aligned_keys(record, text: str) -> set[str]:
     """The word keys of ``record``'s aligned side(s): question, answer or both."""
+    from lavender.records import text_sides
     from lavender.words import split_words
 
-    sides = ("question", "answer") if text == "both" else (text,)
-    return {word.key for side in sides for word in split_words(record.text(side))}
+    return {word.key for side in text_sides(text) for word in split_words(record.text(side))}
 
 
 def teacher_quality(store_path: Path, data: Path, text: str) -> dict:
     """The teacher's maps of the aligned words (``text``'s side) against the masks: pointing
     accuracy, IoU and entropy per word."""
     from lavender.evaluation.attention import load_masks, mask_on_grid, summarize_words, word_metrics
-    from lavender.records import read_records
+    from lavender.records import read_records, text_sides
     from lavender.teacher.store import open_store
 
     store = open_store(store_path)
@@ -715,7 +714,7 @@ def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, fo
     from lavender.evaluation.generation import load_model
     from lavender.figures import plot_word_maps
     from lavender.images import load_image
-    from lavender.records import read_records
+    from lavender.records import read_records, text_sides
     from lavender.teacher.store import open_store
 
     store = open_store(store_path)

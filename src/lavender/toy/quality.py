@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lavender.records import Record
+from lavender.records import SIDES, Record
 from lavender.toy.texts import caption_referents, plural
 from lavender.toy.world import COLORS, SHAPES, SIZES, Scene, render
 
@@ -121,7 +121,7 @@ def measure(model: str | Path, world: str | Path, split: str = "val", limit: int
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
             if text == "both":
-                prompts = [{side: r.text(side) for side in ("question", "answer")} for r in batch]
+                prompts = [{side: r.text(side) for side in SIDES} for r in batch]
             else:
                 prompts = [{"question": _text(r, text)} for r in batch]
             seeds = [record_seed(teacher.settings.seed, r.id) for r in batch]

@@ -36,7 +36,7 @@ from PIL import Image
 from lavender.errors import LavenderError
 from lavender.images import ImageError, load_image
 from lavender.prefix_lm import is_prefix_lm, laid_out, prefix_text
-from lavender.records import Record, exchange_of_turns
+from lavender.records import Record, exchange_of_turns, text_sides
 from lavender.teacher.store import turn_key
 from lavender.training.config import QUERY_ROWS
 from lavender.words import Word, split_words, tokens_of_words
@@ -169,7 +169,7 @@ class LavenderDataset(torch.utils.data.Dataset):
         self.records = list(records)
         self.store = store
         self.processor = processor
-        self.sides = ("question", "answer") if att_text == "both" else (att_text,)
+        self.sides = text_sides(att_text)
         self.strict = strict
         self._known_ids = set(store.ids())
         self._warned: set[str] = set()
