@@ -19,6 +19,7 @@ from lavender.alignment import (
     normalize_maps,
     per_word_visibility,
     restrict_to_visible,
+    sharpen_maps,
     word_maps,
 )
 
@@ -132,6 +133,14 @@ def test_minmax_normalisation_per_map():
 def test_sum_normalisation_gives_distributions():
     out = normalize_maps(torch.rand(3, 4, 4), "sum")
     torch.testing.assert_close(out.sum(dim=(-1, -2)), torch.ones(3), atol=1e-5, rtol=0)
+
+
+def test_sharpening_keeps_the_peak_and_pulls_weaker_cells_down():
+    maps = torch.tensor([[[0.0, 0.5], [0.25, 1.0]]])  # min–max already
+    torch.testing.assert_close(sharpen_maps(maps, 2.0, "minmax"), maps**2, atol=1e-5, rtol=0)
+    assert sharpen_maps(maps, 1.0, "minmax") is maps
+    sharp = sharpen_maps(torch.tensor([[[1.0, 1.0], [2.0, 4.0]]]), 2.0, "sum")  # squares 1, 1, 4, 16 over 22
+    torch.testing.assert_close(sharp, torch.tensor([[[1.0, 1.0], [4.0, 16.0]]]) / 22, atol=1e-6, rtol=0)
 
 
 def test_attention_loss_is_per_word_mse():

@@ -99,7 +99,8 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     from lavender.teacher.store import open_store
 
     threads = torch.get_num_threads()
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none") == 0
+    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none",
+                     "--att-target-power", "2") == 0
     assert torch.get_num_threads() == threads  # runs use one thread; the caller's count comes back
     results = json.loads((output / "results.json").read_text())
     assert set(results["accuracy"]["llava"]) >= {"sft", "lavender"} and "oracle" not in results["accuracy"]["llava"]
@@ -107,9 +108,10 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     assert set(results["summary"]["llava"]["lavender_minus_sft"]) == {"val"}
     assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
     assert "(val):" in (output / "results.md").read_text()
+    assert "teacher text both, targets to the power 2.0, " in (output / "results.md").read_text()
     # the VLM's maps are compared unnormalised, in the layer and the way chosen: the trainer got the options
     train_keys = (output / "train" / "llava" / "lavender" / "seed0" / "lavender_train.yaml").read_text()
-    assert "att_normalization: none\n" in train_keys
+    assert "att_normalization: none\n" in train_keys and "att_target_power: 2.0\n" in train_keys
     assert "att_layers:\n- 1\n" in train_keys and "aggregation: heads_max\n" in train_keys
     # the teacher read question and answer together; only the answer words are aligned
     teacher = open_store(output / "targets" / "sft").metadata["settings"]
@@ -131,11 +133,12 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
         assert _lavender(*common, "--steps", "1", "--arms", "lavender", option, name) == 2
         assert f"unknown {option} '{name}'" in capsys.readouterr().out
     # the same folder with other settings would mix two runs' models: refused before any work
-    assert _lavender(*common, "--steps", "2", "--arms", "lavender", "--att-normalization", "none") == 2
+    assert _lavender(*common, "--steps", "2", "--arms", "lavender", "--att-normalization", "none",
+                     "--att-target-power", "2") == 2
     assert "other steps" in capsys.readouterr().out
     # a world written from one seed is not reported as another's
     assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none",
-                     "--world-seed", "3") == 2
+                     "--att-target-power", "2", "--world-seed", "3") == 2
     assert "seed 0" in capsys.readouterr().out
 
 

@@ -77,7 +77,8 @@ def test_missing_targets_folder_says_how_to_make_it(paths):
      ("att_text", "caption", "att_text"),
      ("aggregation", "median", "aggregation"),
      ("lora_dropout", 1.5, "lora_dropout"),
-     ("att_weight", -1, "att_weight")],
+     ("att_weight", -1, "att_weight"),
+     ("att_target_power", 0, "att_target_power must be positive")],
 )
 def test_bad_values_are_refused(paths, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

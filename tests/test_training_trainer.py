@@ -309,6 +309,31 @@ def test_a_cropped_target_is_renormalised_as_the_store_made_it_not_as_the_vlm_ma
     trainer.capture.close()
 
 
+def test_target_power_sharpens_the_stored_maps_before_the_crop_and_the_loss(world, llava):
+    trainer = build_trainer(build_config(_keys(world, llava, "sharpen", att_target_power=3.0)))
+    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
+    torch.manual_seed(0)
+    batch["lavender_targets"] = torch.rand_like(batch["lavender_targets"])
+    stored = batch["lavender_targets"].clone()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    aligned = trainer._aligned
+    targets = stored[aligned.word_mask].double()
+    seen = aligned.visible
+
+    def minmax(maps, cells):
+        low = maps.masked_fill(~cells, float("inf")).flatten(1).amin(1)[:, None, None]
+        high = maps.masked_fill(~cells, float("-inf")).flatten(1).amax(1)[:, None, None]
+        return torch.where(cells, (maps - low) / (high - low + 1e-6), 0.0)
+
+    # the whole map cubed and min–maxed, then the seen part min–maxed again, as the store would
+    expected = minmax(minmax(targets**3, torch.ones_like(seen)), seen)
+    squared = (aligned.predicted.double() - expected).pow(2) * seen
+    per_word = squared.flatten(1).sum(1) / seen.flatten(1).sum(1)
+    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-6)
+    trainer.capture.close()
+
+
 def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
     """`lavender tiny qwen2_vl` then `lavender train`: the processor loads through transformers'
     own Qwen2VLProcessor class (without torchvision: without its video processor)."""

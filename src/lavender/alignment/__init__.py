@@ -13,6 +13,7 @@ from lavender.alignment.loss import (
     attention_loss,
     normalize_maps,
     restrict_to_visible,
+    sharpen_maps,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "normalize_maps",
     "per_word_visibility",
     "restrict_to_visible",
+    "sharpen_maps",
     "visible_word_rows",
     "word_maps",
     "word_weights",

@@ -73,6 +73,17 @@ def restrict_to_visible(maps: torch.Tensor, visible: torch.Tensor, method: str) 
     return torch.where(partial[:, None, None], normalize_maps(maps, method, visible), maps)
 
 
+def sharpen_maps(maps: torch.Tensor, power: float, method: str) -> torch.Tensor:
+    """Maps ``(..., R, R)`` raised to ``power`` and normalised again (``method``, as they were made).
+
+    A power above 1 keeps each map's peak and pulls its weaker cells toward 0: a teacher whose maps
+    are right but broad gives a target closer to the object's few cells. 1 returns the maps as
+    they are."""
+    if power == 1:
+        return maps
+    return normalize_maps(maps.clamp_min(0).pow(power), method)
+
+
 def attention_loss(
     predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -76,6 +76,7 @@ class DemoSettings:
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
     normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
+    target_power: float = 1.0  # the teacher's maps raised to it before the loss (`lavender train`'s att_target_power)
     layers: tuple[int, ...] | None = None  # the decoder layers aligned; None: the architecture's default
     aggregation: str | None = None  # how layers and heads become one map; None: `lavender train`'s (mean)
     freeze_vision: bool = False  # every arm keeps the vision tower as pretrained
@@ -130,6 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--att-normalization", default=None,
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
                              "the targets' own, min–max); none compares the raw attention mass with the targets")
+    parser.add_argument("--att-target-power", type=float, default=None,
+                        help="the targets raised to this power before the loss, > 1 sharpens broad maps "
+                             f"(lavender train's att_target_power; default {defaults.target_power})")
     parser.add_argument("--att-layers", type=int, nargs="+", default=None,
                         help="decoder layers aligned (default: the architecture's: the middle half; "
                              "Mllama's cross-attention layers)")
@@ -155,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
                  "learning_rate": args.learning_rate, "text": args.text, "teacher_text": args.teacher_text,
                  "teacher_resolutions": tuple(args.teacher_resolutions) if args.teacher_resolutions else None,
                  "aligner": args.aligner,
-                 "rows": args.att_rows, "normalization": args.att_normalization, "world_seed": args.world_seed,
+                 "rows": args.att_rows, "normalization": args.att_normalization,
+                 "target_power": args.att_target_power, "world_seed": args.world_seed,
                  "layers": tuple(args.att_layers) if args.att_layers else None, "aggregation": args.aggregation,
                  "freeze_vision": args.freeze_vision,
                  "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
@@ -540,6 +545,7 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
+        "att_target_power": settings.target_power,
         "att_layers": list(settings.layers) if settings.layers else None,
         **({"aggregation": settings.aggregation} if settings.aggregation else {}),
         "freeze_vision": settings.freeze_vision,
@@ -787,7 +793,9 @@ def format_results(results: dict) -> str:
     shown = splits[-1]
     lines = [f"## Toy demo results ({settings['seeds']} seed(s), {settings['steps']} steps, "
              f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
-             f"aligner {settings['aligner']}, rows {settings['rows']}, "
+             + (f"teacher text {settings['teacher_text']}, " if settings.get("teacher_text") else "")
+             + (f"targets to the power {settings['target_power']}, " if settings.get("target_power", 1) != 1 else "")
+             + f"aligner {settings['aligner']}, rows {settings['rows']}, "
              f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split, "
              f"world seed {settings['world_seed']})", ""]
     differences = [key for key in next(iter(results["summary"].values()), {}) if "_minus_" in key]

@@ -105,6 +105,7 @@ class LavenderArguments:
     aligner: str = "sim"
     aligner_hidden: int = 32
     att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
+    att_target_power: float = 1.0  # the teacher's maps raised to it (and normalised again); > 1 sharpens broad maps
     aligner_warmup_steps: int = 0  # the first steps train on L_att in the way `aligner_warmup` says
     # aligner: L_att reaches the aligner alone (the VLM's maps detached), the VLM learns L_LM as usual;
     # alignment: L_LM is left out, L_att trains the aligner and the VLM (the authors' warm-up)
@@ -324,6 +325,8 @@ def _check_lavender(args: LavenderArguments) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.att_target_power <= 0:
+        raise ConfigError(f"att_target_power must be positive, got {args.att_target_power}")
     for name in ("att_resolution", "att_weight_decay_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(args, name)}")

@@ -172,6 +172,7 @@ def build_trainer(config: TrainConfig):
         head=head,
         resolution=store.resolution,
         target_normalization=target_normalization,
+        target_power=args.att_target_power,
         image_token_id=image_token,
         att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, args.att_weight_decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,

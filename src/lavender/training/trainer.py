@@ -36,6 +36,7 @@ from lavender.alignment import (
     attention_loss,
     per_word_visibility,
     restrict_to_visible,
+    sharpen_maps,
     visible_word_rows,
     word_maps,
 )
@@ -101,6 +102,7 @@ class LavenderTrainer(Trainer):
         head: AlignmentHead,
         resolution: int,
         target_normalization: str,
+        target_power: float = 1.0,
         image_token_id: int | None,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
@@ -113,6 +115,7 @@ class LavenderTrainer(Trainer):
         self.head = head
         self.resolution = resolution
         self.target_normalization = target_normalization  # the store's: a cropped target is renormalised as it was made
+        self.target_power = target_power
         self.image_token_id = image_token_id
         self.att_weight = att_weight
         self.aligner_warmup_steps = aligner_warmup_steps
@@ -147,6 +150,7 @@ class LavenderTrainer(Trainer):
         if "lavender_word_mask" not in inputs:  # a plain batch (e.g. evaluation without targets)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         query_positions, word_rows, targets, word_mask = (inputs.pop(key) for key in BATCH_KEYS)
+        targets = sharpen_maps(targets, self.target_power, self.target_normalization)
         counts = inputs.pop(COUNTS_KEY)
         examples = inputs.pop(EXAMPLES_KEY)
         step = self.state.global_step
