@@ -285,53 +285,48 @@ def test_cells_the_vlm_cannot_see_are_left_out_of_the_alignment_loss(world, llav
     trainer.capture.close()
 
 
+def _align_random_targets(trainer):
+    """One batch of the first record with random stored maps (min–max and sum normalisations of
+    them differ; the fixture's one-hot maps do not): the aligned result, the maps as stored (one
+    per aligned word, float64) and the cells the VLM sees."""
+    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
+    torch.manual_seed(0)
+    batch["lavender_targets"] = torch.rand_like(batch["lavender_targets"])
+    stored = batch["lavender_targets"].clone()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    aligned = trainer._aligned
+    trainer.capture.close()
+    return aligned, stored[aligned.word_mask].double(), aligned.visible
+
+
+def _minmax(maps, cells):
+    """Min–max over ``cells`` with the authors' eps, 0 elsewhere: the reference recomputation."""
+    low = maps.masked_fill(~cells, float("inf")).flatten(1).amin(1)[:, None, None]
+    high = maps.masked_fill(~cells, float("-inf")).flatten(1).amax(1)[:, None, None]
+    return torch.where(cells, (maps - low) / (high - low + 1e-6), 0.0)
+
+
+def _assert_att_sum_is_the_mse_to(aligned, expected, seen):
+    squared = (aligned.predicted.double() - expected).pow(2) * seen
+    per_word = squared.flatten(1).sum(1) / seen.flatten(1).sum(1)
+    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-6)
+
+
 def test_a_cropped_target_is_renormalised_as_the_store_made_it_not_as_the_vlm_maps_are(world, llava):
     # min–max store, `sum` for the VLM's maps: the seen part of a cropped target must be min–max
     # again (max 1, min 0 over the seen cells), not a distribution summing to 1
     trainer = build_trainer(build_config(_keys(world, llava, "renormalise", att_normalization="sum")))
-    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
-    # random maps: min–max and sum normalisations of them differ (the fixture's one-hot maps do not)
-    torch.manual_seed(0)
-    batch["lavender_targets"] = torch.rand_like(batch["lavender_targets"])
-    stored = batch["lavender_targets"].clone()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    aligned = trainer._aligned
-    targets = stored[aligned.word_mask].double()
-    seen = aligned.visible
+    aligned, targets, seen = _align_random_targets(trainer)
     assert not seen.all()  # the 90×60 images are centre-cropped: a real crop
-    low = targets.masked_fill(~seen, float("inf")).flatten(1).amin(1)[:, None, None]
-    high = targets.masked_fill(~seen, float("-inf")).flatten(1).amax(1)[:, None, None]
-    expected = torch.where(seen, (targets - low) / (high - low + 1e-6), 0.0)  # min–max, the authors' eps
-    squared = (aligned.predicted.double() - expected).pow(2) * seen
-    per_word = squared.flatten(1).sum(1) / seen.flatten(1).sum(1)
-    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-6)
-    trainer.capture.close()
+    _assert_att_sum_is_the_mse_to(aligned, _minmax(targets, seen), seen)
 
 
 def test_target_power_sharpens_the_stored_maps_before_the_crop_and_the_loss(world, llava):
     trainer = build_trainer(build_config(_keys(world, llava, "sharpen", att_target_power=3.0)))
-    batch = trainer.data_collator([trainer.train_dataset.prepare(trainer.train_dataset.records[0])])
-    torch.manual_seed(0)
-    batch["lavender_targets"] = torch.rand_like(batch["lavender_targets"])
-    stored = batch["lavender_targets"].clone()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    aligned = trainer._aligned
-    targets = stored[aligned.word_mask].double()
-    seen = aligned.visible
-
-    def minmax(maps, cells):
-        low = maps.masked_fill(~cells, float("inf")).flatten(1).amin(1)[:, None, None]
-        high = maps.masked_fill(~cells, float("-inf")).flatten(1).amax(1)[:, None, None]
-        return torch.where(cells, (maps - low) / (high - low + 1e-6), 0.0)
-
+    aligned, targets, seen = _align_random_targets(trainer)
     # the whole map cubed and min–maxed, then the seen part min–maxed again, as the store would
-    expected = minmax(minmax(targets**3, torch.ones_like(seen)), seen)
-    squared = (aligned.predicted.double() - expected).pow(2) * seen
-    per_word = squared.flatten(1).sum(1) / seen.flatten(1).sum(1)
-    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-6)
-    trainer.capture.close()
+    _assert_att_sum_is_the_mse_to(aligned, _minmax(_minmax(targets**3, torch.ones_like(seen)), seen), seen)
 
 
 def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
