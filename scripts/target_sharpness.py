@@ -4,7 +4,7 @@ For the words two stores share (a teacher's, and the toy demo's oracle store, wh
 word's mask coverage), the teacher's maps are sharpened as `lavender train` does
 (:func:`lavender.alignment.sharpen_maps`) and compared with the oracle's: the MSE the alignment
 loss would see between the two targets, their cosine similarity, and the sharpened maps' entropy
-(of the maximum; the oracle's for reference). A power is worth training with where the cosine peaks;
+(as a fraction of log R², 1 = flat; the oracle's for reference). A power is worth training with where the cosine peaks;
 the MSE alone keeps falling toward that of an empty map, which says nothing about where to look.
 
     python scripts/target_sharpness.py --teacher runs/val/NAME/targets/sft --oracle runs/val/NAME/targets/oracle
@@ -38,11 +38,13 @@ def paired_maps(teacher: Path, oracle: Path) -> tuple[torch.Tensor, torch.Tensor
 
 
 def entropy(maps: torch.Tensor) -> float:
-    """Mean entropy of the maps, as the demo reports it for the VLM's (of the maximum)."""
+    """Mean entropy of the maps as a fraction of log R², as the demo reports it for the VLM's."""
     return float(np.mean([normalized_entropy(word_map) for word_map in maps.numpy()]))
 
 
 def compare(teacher: torch.Tensor, oracle: torch.Tensor, power: float, normalization: str) -> dict[str, float]:
+    """The teacher's maps ``(N, R, R)`` sharpened by ``power`` against the oracle's: mean MSE,
+    mean cosine similarity, mean entropy of the sharpened maps."""
     sharp = sharpen_maps(teacher, power, normalization)
     cosine = torch.nn.functional.cosine_similarity(sharp.flatten(1), oracle.flatten(1), dim=1)
     return {"mse": float((sharp - oracle).pow(2).mean()), "cosine": float(cosine.mean()), "entropy": entropy(sharp)}

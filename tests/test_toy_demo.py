@@ -94,16 +94,17 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
               "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1",  # in this process
               "--att-layers", "1", "--aggregation", "heads_max", "--text", "answer", "--teacher-text", "both",
               "--teacher-resolutions", "16")
+    arms = ("--arms", "lavender", "oracle")
     import torch
 
     from lavender.teacher.store import open_store
 
     threads = torch.get_num_threads()
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none",
+    assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none",
                      "--att-target-power", "2") == 0
     assert torch.get_num_threads() == threads  # runs use one thread; the caller's count comes back
     results = json.loads((output / "results.json").read_text())
-    assert set(results["accuracy"]["llava"]) >= {"sft", "lavender"} and "oracle" not in results["accuracy"]["llava"]
+    assert set(results["accuracy"]["llava"]) >= {"sft", "lavender", "oracle"} and "random" not in results["accuracy"]["llava"]
     assert set(results["accuracy"]["llava"]["sft"]) == {"train", "val"} and set(results["teacher"]) == {"sft", "val"}
     assert set(results["summary"]["llava"]["lavender_minus_sft"]) == {"val"}
     assert not (output / "eval" / "llava" / "sft" / "seed0" / "test_ood").exists()
@@ -112,6 +113,9 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     # the VLM's maps are compared unnormalised, in the layer and the way chosen: the trainer got the options
     train_keys = (output / "train" / "llava" / "lavender" / "seed0" / "lavender_train.yaml").read_text()
     assert "att_normalization: none\n" in train_keys and "att_target_power: 2.0\n" in train_keys
+    # the teacher's maps are sharpened; the oracle's masks, the reference, are not
+    oracle_keys = (output / "train" / "llava" / "oracle" / "seed0" / "lavender_train.yaml").read_text()
+    assert "att_target_power: 1.0\n" in oracle_keys
     assert "att_layers:\n- 1\n" in train_keys and "aggregation: heads_max\n" in train_keys
     # the teacher read question and answer together; only the answer words are aligned
     teacher = open_store(output / "targets" / "sft").metadata["settings"]
@@ -127,19 +131,28 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
                 (output / "eval" / "llava" / model / "val" / "attention.jsonl").read_text().splitlines()]
         assert rows and all(row["word"] in answers[row["id"]] for row in rows)
     assert 0 < results["teacher"]["val"]["words"] <= sum(map(len, answers.values()))
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--text", "both", "--teacher-text", "answer") == 2
+    assert _lavender(*common, "--steps", "1", *arms, "--text", "both", "--teacher-text", "answer") == 2
     assert "--teacher-text answer leaves out words --text both aligns" in capsys.readouterr().out
     for option, name in (("--att-normalization", "softmax"), ("--aggregation", "median"), ("--aligner", "mlp")):
-        assert _lavender(*common, "--steps", "1", "--arms", "lavender", option, name) == 2
+        assert _lavender(*common, "--steps", "1", *arms, option, name) == 2
         assert f"unknown {option} '{name}'" in capsys.readouterr().out
     # the same folder with other settings would mix two runs' models: refused before any work
-    assert _lavender(*common, "--steps", "2", "--arms", "lavender", "--att-normalization", "none",
+    assert _lavender(*common, "--steps", "1", *arms, "--att-target-power", "0") == 2
+    assert "--att-target-power must be positive" in capsys.readouterr().out
+    assert _lavender(*common, "--steps", "2", *arms, "--att-normalization", "none",
                      "--att-target-power", "2") == 2
     assert "other steps" in capsys.readouterr().out
     # a world written from one seed is not reported as another's
-    assert _lavender(*common, "--steps", "1", "--arms", "lavender", "--att-normalization", "none",
+    assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none",
                      "--att-target-power", "2", "--world-seed", "3") == 2
     assert "seed 0" in capsys.readouterr().out
+    # a folder written before a setting existed ran with the setting's default: 1 resumes it, 2 not
+    run = json.loads((output / "run.json").read_text())
+    del run["settings"]["target_power"]
+    (output / "run.json").write_text(json.dumps(run))
+    assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none", "--att-target-power", "2") == 2
+    assert "other target_power" in capsys.readouterr().out
+    assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none") == 0
 
 
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,12 @@ def test_bad_setups_fail_before_training(world, llava, tmp_path):
     other.write_text(Path(world[1]).read_text().replace('"r', '"x'))
     with pytest.raises(ConfigError, match="no record of .* has maps"):
         build_trainer(build_config({**_keys(world, llava, "bad"), "train_file": str(other), "image_root": str(world[1].parent)}))
+    raw = shutil.copytree(world[2], tmp_path / "raw-targets")  # as `lavender targets --normalize none` writes
+    metadata = json.loads((raw / "metadata.json").read_text())
+    metadata["settings"]["normalize"] = "none"
+    (raw / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(ConfigError, match="att_target_power 2.0 needs normalised targets"):
+        build_trainer(build_config({**_keys(world, llava, "bad"), "targets_dir": str(raw), "att_target_power": 2.0}))
 
 
 TRAIN_SCRIPT = """

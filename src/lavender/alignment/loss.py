@@ -77,8 +77,9 @@ def sharpen_maps(maps: torch.Tensor, power: float, method: str) -> torch.Tensor:
     """Maps ``(..., R, R)`` raised to ``power`` and normalised again (``method``, as they were made).
 
     A power above 1 keeps each map's peak and pulls its weaker cells toward 0: a teacher whose maps
-    are right but broad gives a target closer to the object's few cells. 1 returns the maps as
-    they are."""
+    are right but broad gives a target closer to the object's few cells (below 1, broader). 1
+    returns the maps as they are. Raw maps (``none``) are not normalised again, so a power only
+    shrinks them: training refuses that combination."""
     if power == 1:
         return maps
     return normalize_maps(maps.clamp_min(0).pow(power), method)

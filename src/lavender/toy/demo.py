@@ -44,6 +44,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 # sft: λ = 0; the others align to a store: the teacher's, the masks', and two controls (another
 # record's teacher maps; 1 − the masks') that tell a gain from the right maps from regularisation
 ARMS = ("sft", "lavender", "oracle", "random", "inverted")
+TEACHER_ARMS = ("lavender", "random")  # aligned to the teacher's maps (random: another record's)
 TEST_SPLITS = ("test_id", "test_ood")
 TRAIN_SPLIT = "train"  # the first eval_size SFT records: what each arm fits
 # Every run (targets, fine-tune, evaluation) uses one intra-op thread: results can depend on the
@@ -76,7 +77,9 @@ class DemoSettings:
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
     normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
-    target_power: float = 1.0  # the teacher's maps raised to it before the loss (`lavender train`'s att_target_power)
+    # the teacher's maps raised to it before the loss (`lavender train`'s att_target_power), in the arms
+    # aligned to them; the oracle's and inverted masks stay as they are, the reference
+    target_power: float = 1.0
     layers: tuple[int, ...] | None = None  # the decoder layers aligned; None: the architecture's default
     aggregation: str | None = None  # how layers and heads become one map; None: `lavender train`'s (mean)
     freeze_vision: bool = False  # every arm keeps the vision tower as pretrained
@@ -172,7 +175,9 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    problem = _unknown_names(settings) or _teacher_text_problem(settings)
+    problem = (_unknown_names(settings) or _teacher_text_problem(settings)
+               or (f"--att-target-power must be positive, got {settings.target_power}"
+                   if settings.target_power <= 0 else None))
     if problem:
         print(f"lavender demo: {problem}")
         return 2
@@ -348,7 +353,8 @@ def _train_and_evaluate(model: Path, data: dict[str, Path], stores: dict[str, Pa
                         name: str, settings: DemoSettings, seed: int) -> dict:
     arm = name.split("/")[1]
     weight = 0.0 if arm == "sft" else settings.att_weight
-    trained = _fine_tune(model, data["sft"], targets, output / "train" / name, settings, weight, seed)
+    power = settings.target_power if arm in TEACHER_ARMS else 1.0
+    trained = _fine_tune(model, data["sft"], targets, output / "train" / name, settings, weight, power, seed)
     return _evaluate(trained, data, stores, output / "eval" / name, settings)
 
 
@@ -366,8 +372,10 @@ def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path])
     path = output / "run.json"
     if path.is_file():
         previous = json.loads(path.read_text())
+        defaults = {"settings": json.loads(json.dumps(asdict(DemoSettings()))), "models": {}}
+        # a folder written before a setting existed ran with its default
         changed = sorted(key for part in ("settings", "models") for key in run[part]
-                         if previous.get(part, {}).get(key) != run[part][key])
+                         if previous.get(part, {}).get(key, defaults[part].get(key)) != run[part][key])
         if changed:
             raise OutputInUse(f"{output} holds a demo run with other {', '.join(changed)}; "
                              "choose another --output (or remove the folder) to run these settings")
@@ -535,7 +543,7 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
 
 
 def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
-               att_weight: float, seed: int) -> Path:
+               att_weight: float, target_power: float, seed: int) -> Path:
     from lavender.training.config import build_config
     from lavender.training.setup import train
 
@@ -545,7 +553,7 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
-        "att_target_power": settings.target_power,
+        "att_target_power": target_power,
         "att_layers": list(settings.layers) if settings.layers else None,
         **({"aggregation": settings.aggregation} if settings.aggregation else {}),
         "freeze_vision": settings.freeze_vision,

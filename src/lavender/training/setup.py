@@ -123,6 +123,11 @@ def build_trainer(config: TrainConfig):
         parallel_layers = capture.layers
     # the VLM's maps are normalised as the teacher's were, unless the config says otherwise
     target_normalization = store.metadata.get("settings", {}).get("normalize", "minmax")
+    if args.att_target_power != 1 and target_normalization == "none":
+        raise ConfigError(
+            f"att_target_power {args.att_target_power} needs normalised targets, but {args.targets_dir} holds raw "
+            "maps (lavender targets --normalize none), which a power only shrinks; make them with minmax or sum"
+        )
     normalization = args.att_normalization or target_normalization
     head = AlignmentHead(
         text_config.num_attention_heads,
