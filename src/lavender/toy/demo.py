@@ -135,8 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
                              "the targets' own, min–max); none compares the raw attention mass with the targets")
     parser.add_argument("--att-target-power", type=float, default=None,
-                        help="the targets raised to this power before the loss, > 1 sharpens broad maps "
-                             f"(lavender train's att_target_power; default {defaults.target_power})")
+                        help="the teacher's maps raised to this power before the loss in the lavender and "
+                             "random arms, > 1 sharpens broad maps (lavender train's att_target_power; "
+                             f"default {defaults.target_power})")
     parser.add_argument("--att-layers", type=int, nargs="+", default=None,
                         help="decoder layers aligned (default: the architecture's: the middle half; "
                              "Mllama's cross-attention layers)")
