@@ -30,17 +30,11 @@ from PIL import Image
 
 from lavender.records import read_records
 from lavender.teacher.extract import ExtractionSettings, Teacher, record_seed
-from lavender.toy.quality import peak_hit, score_map, word_category
+from lavender.toy.quality import cell_mask, peak_hit, score_map, word_category
 from lavender.toy.texts import caption_referents
 from lavender.toy.world import Scene, render, render_background
 
 PREFIX = "describe image " * 15
-
-
-def cells(mask: np.ndarray, resolution: int) -> np.ndarray:
-    """A (H, W) pixel mask of any shape → (R, R) bool over the full image: cells ≥ half covered."""
-    image = Image.fromarray(mask.astype(np.uint8) * 255).resize((resolution, resolution), Image.Resampling.BOX)
-    return np.asarray(image) >= 128
 
 
 def pixel_masks(record, text: str, world: Path) -> dict[str, np.ndarray]:
@@ -84,7 +78,7 @@ def evaluate(teacher: Teacher, records, world: Path, text: str, canvas: str, pre
         for (_, masks), output in zip(items, outputs):
             blind = np.mean(list(output.maps.values()), axis=0) if output.maps else None
             for word, mask in masks.items():
-                grid = cells(mask, resolution)
+                grid = cell_mask(mask, resolution)
                 if not grid.any():
                     continue
                 if word not in output.maps:

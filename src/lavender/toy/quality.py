@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lavender.evaluation.attention import mask_coverage
 from lavender.records import SIDES, Record
 from lavender.toy.texts import caption_referents, plural
 from lavender.toy.world import COLORS, SHAPES, SIZES, Scene, render
@@ -44,13 +45,9 @@ def word_category(key: str) -> str:
 
 
 def cell_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
-    """A pixel mask → (R, R) bool: the cells at least half covered by the object."""
-    size = mask.shape[0]
-    if size % resolution:
-        image = Image.fromarray(mask.astype(np.uint8) * 255).resize((resolution, resolution), Image.Resampling.BOX)
-        return np.asarray(image) >= 128
-    factor = size // resolution
-    return mask.reshape(resolution, factor, resolution, factor).mean(axis=(1, 3)) >= 0.5
+    """A pixel mask → (R, R) bool: the cells at least half covered by the object (without the
+    evaluation's fallback to any covered cell for objects smaller than half a cell)."""
+    return mask_coverage(mask, resolution) >= 0.5
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
