@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lavender.evaluation.attention import mask_coverage
 from lavender.records import SIDES, Record
 from lavender.toy.texts import caption_referents, plural
 from lavender.toy.world import COLORS, SHAPES, SIZES, Scene, render
@@ -47,6 +46,8 @@ def word_category(key: str) -> str:
 def cell_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
     """A pixel mask → (R, R) bool: the cells at least half covered by the object (without the
     evaluation's fallback to any covered cell for objects smaller than half a cell)."""
+    from lavender.evaluation.attention import mask_coverage  # imports torch: not on the CLI's parser path
+
     return mask_coverage(mask, resolution) >= 0.5
 
 
