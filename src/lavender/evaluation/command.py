@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if measure_attention:
         from lavender.evaluation.attention import evaluate_attention
 
+        trained = _trained_settings(Path(args.model))
         metrics["attention"] = evaluate_attention(
             model,
             processor,
@@ -95,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
             root=_data_root(args),
             targets=args.targets,
             model_dir=args.model,
-            layers=args.att_layers or _trained_setting(Path(args.model), "att_layers"),
-            query_rows=args.att_rows or _trained_setting(Path(args.model), "att_rows") or "word",
-            text=args.att_text or _trained_setting(Path(args.model), "att_text"),
+            layers=args.att_layers or trained.get("att_layers"),
+            query_rows=args.att_rows or trained.get("att_rows") or "word",
+            text=args.att_text or trained.get("att_text"),
             size=args.map_size,
             batch_size=args.batch_size,
             output=output,
@@ -172,12 +173,12 @@ def _data_root(args: argparse.Namespace) -> Path:
     return data if data.is_dir() else data.parent
 
 
-def _trained_setting(model_dir: Path, key: str) -> Any:
-    """How the model was aligned (``key`` of the run's ``lavender_train.yaml``), None if not recorded."""
+def _trained_settings(model_dir: Path) -> dict[str, Any]:
+    """How the model was aligned: the run's ``lavender_train.yaml``, empty if there is none."""
     config = model_dir / "lavender_train.yaml"
     if not config.is_file():
-        return None
+        return {}
     import yaml
 
-    return yaml.safe_load(config.read_text()).get(key)
+    return yaml.safe_load(config.read_text()) or {}
 

@@ -176,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    problem = (_unknown_names(settings) or _teacher_text_problem(settings)
-               or (f"--att-target-power must be positive, got {settings.target_power}"
-                   if settings.target_power <= 0 else None))
+    problem = _unknown_names(settings) or _teacher_text_problem(settings) or _target_power_problem(settings)
     if problem:
         print(f"lavender demo: {problem}")
         return 2
@@ -216,6 +214,12 @@ def _teacher_text_problem(settings: DemoSettings) -> str | None:
         return None
     return (f"--teacher-text {settings.teacher_text} leaves out words --text {settings.text} aligns; "
             f"give --teacher-text both or {settings.text}")
+
+
+def _target_power_problem(settings: DemoSettings) -> str | None:
+    if settings.target_power > 0:
+        return None
+    return f"--att-target-power must be positive, got {settings.target_power}"
 
 
 def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
@@ -692,7 +696,7 @@ def teacher_quality(store_path: Path, data: Path, text: str) -> dict:
     """The teacher's maps of the aligned words (``text``'s side) against the masks: pointing
     accuracy, IoU and entropy per word."""
     from lavender.evaluation.attention import load_masks, mask_on_grid, summarize_words, word_metrics
-    from lavender.records import read_records, text_sides
+    from lavender.records import read_records
     from lavender.teacher.store import open_store
 
     store = open_store(store_path)
@@ -729,7 +733,7 @@ def word_map_figures(before: Path, after: Path, data: Path, store_path: Path, fo
     from lavender.evaluation.generation import load_model
     from lavender.figures import plot_word_maps
     from lavender.images import load_image
-    from lavender.records import read_records, text_sides
+    from lavender.records import read_records
     from lavender.teacher.store import open_store
 
     store = open_store(store_path)
