@@ -7,7 +7,9 @@ Two measurements on the binding world (docs/toy.md, "Looking or reading"), for L
           centre cell, and as the mean of the tokens weighted by the object's coverage of each
           cell (what an attention row placed on the object, as ``forced`` places it, receives);
   mass    per layer and head, the share of the answer-predicting row's attention on the image
-          tokens and on the named object's (eager attention, the mean over records);
+          tokens, on the named object's and on the big decoy's (eager attention, the mean over
+          records): whether a row aligned to the named object on `sft` still finds it where the
+          decoy no longer shares its value;
   forced  answer accuracy per question type when the attention of the row that predicts the
           answer is replaced, in the given decoder layers and every head, by the named object's
           mask (each cell's coverage, summing to 1 over the image tokens): what perfect looking
@@ -159,22 +161,38 @@ def question_and_object(model, processor, record: dict) -> tuple[dict, torch.Ten
     return inputs, target
 
 
+def decoy_cells(model, record: dict) -> torch.Tensor:
+    """(side²,) bool: the image cells the scene's big object covers (none where no object is big)."""
+    scene = Scene.from_dict(record["scene"])
+    cells = np.zeros((grid_side(model),) * 2, bool)
+    for obj, mask in zip(record["scene"]["objects"], render(scene)[1]):
+        if obj["size"] == "big":
+            cells |= mask_coverage(mask, grid_side(model)) > 0
+    return torch.from_numpy(cells.flatten())
+
+
+def answer_row_shares(model, processor, record: dict) -> torch.Tensor:
+    """(layers, heads, 3): the answer-predicting row's attention on the image tokens, on the named
+    object's cells and on the decoy's."""
+    inputs, target = question_and_object(model, processor, record)
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    rows = torch.stack([layer[0, :, -1] for layer in attentions])  # (L, H, T): the answer row
+    image = inputs["input_ids"][0] == model.config.image_token_index
+    decoy = torch.zeros_like(image)
+    decoy[image] = decoy_cells(model, record)
+    return torch.stack([rows[..., image].sum(-1), rows[..., target > 0].sum(-1), rows[..., decoy].sum(-1)], -1)
+
+
 def mass(args: argparse.Namespace) -> None:
     model, processor = load(args.model, attention="eager")  # the probabilities, as the model computes them
-    on_image, on_object = 0.0, 0.0
     data = records(args.data, args.limit)
-    for record in data:
-        inputs, target = question_and_object(model, processor, record)
-        with torch.no_grad():
-            attentions = model(**inputs, output_attentions=True).attentions
-        rows = torch.stack([layer[0, :, -1] for layer in attentions])  # (L, H, T): the answer row
-        image = inputs["input_ids"][0] == model.config.image_token_index
-        on_image = on_image + rows[..., image].sum(-1) / len(data)
-        on_object = on_object + rows[..., target > 0].sum(-1) / len(data)
-    print("| layer | on the image, per head | on the named object, per head |\n|---|---|---|")
-    for layer, (image, obj) in enumerate(zip(on_image, on_object)):
-        print(f"| {layer} | " + " ".join(f"{value:.2f}" for value in image) + " | "
-              + " ".join(f"{value:.2f}" for value in obj) + " |")
+    shares = sum(answer_row_shares(model, processor, record) for record in data) / len(data)
+    print("| layer | on the image, per head | on the named object, per head | on the decoy, per head |")
+    print("|---|---|---|---|")
+    for layer, per_head in enumerate(shares):
+        columns = [" ".join(f"{value:.2f}" for value in per_head[:, kind]) for kind in range(3)]
+        print(f"| {layer} | " + " | ".join(columns) + " |")
 
 
 def forced(args: argparse.Namespace) -> None:

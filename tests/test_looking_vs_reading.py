@@ -89,3 +89,31 @@ def test_the_named_objects_target_lies_on_its_image_tokens(llava, tmp_path):
     on_grid = target[image]
     assert on_grid[looking_vs_reading.centre_cell({"cx": obj.cx, "cy": obj.cy}, 64, 8)] > 0
     np.testing.assert_allclose(on_grid.numpy(), looking_vs_reading.coverage(masks[target_index], 8), atol=1e-6)
+
+
+def test_answer_row_shares_are_the_eager_rows_mass_on_the_image_the_named_object_and_the_decoy(llava, tmp_path):
+    model, _, _ = llava
+    model.set_attn_implementation("eager")  # `mass` reads the model's own probabilities
+    processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
+    scene, target_index, _ = sample_question_scene(np.random.default_rng(2), shortcut=False)
+    pixels, masks = render(scene)
+    Image.fromarray(pixels).save(tmp_path / "scene.png")
+    Image.fromarray(masks[target_index]).save(tmp_path / "mask.png")
+    record = {"image": str(tmp_path / "scene.png"), "question": "What color is the triangle?", "answer": "red",
+              "masks": {"red": str(tmp_path / "mask.png")}, "scene": scene.to_dict()}
+    shares = looking_vs_reading.answer_row_shares(model, processor, record)
+
+    # the reference: the eager last row summed over cells found by block-reducing each mask by hand
+    inputs = model_inputs(processor, [Image.open(tmp_path / "scene.png").convert("RGB")], [record["question"]])
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    image = (inputs["input_ids"][0] == model.config.image_token_index).nonzero().flatten()
+    big = next(i for i, obj in enumerate(scene.objects) if obj.size == "big")
+    assert big != target_index
+    for layer, attention in enumerate(attentions):
+        row = attention[0, :, -1, image]  # (heads, 64) in raster order
+        for column, mask in ((1, masks[target_index]), (2, masks[big])):
+            cells = torch.from_numpy(mask.reshape(8, 8, 8, 8).any(axis=(1, 3)).flatten())
+            torch.testing.assert_close(shares[layer, :, column], row[:, cells].sum(-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(shares[layer, :, 0], row.sum(-1), atol=1e-5, rtol=0)
+    model.set_attn_implementation({"text_config": "forced"})
