@@ -45,6 +45,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 # record's teacher maps; 1 − the masks') that tell a gain from the right maps from regularisation
 ARMS = ("sft", "lavender", "oracle", "random", "inverted")
 TEACHER_ARMS = ("lavender", "random")  # aligned to the teacher's maps (random: another record's)
+CAPTION = "caption"  # --teacher-text: answer maps read from the scene's caption (lavender.toy.caption_maps)
 TEST_SPLITS = ("test_id", "test_ood")
 TRAIN_SPLIT = "train"  # the first eval_size SFT records: what each arm fits
 # Every run (targets, fine-tune, evaluation) uses one intra-op thread: results can depend on the
@@ -72,7 +73,8 @@ class DemoSettings:
     att_weight: float = 10.0  # the paper's λ and `lavender train`'s default
     text: str = "both"  # the words aligned: question and answer (answers are mostly one word)
     # the text the diffusion model reads; None: the aligned words' side. "both" with text "answer"
-    # aligns the answer words only, with maps read after their question (a lone word is no prompt)
+    # aligns the answer words only, with maps read after their question (a lone word is no prompt);
+    # "caption" (binding world) reads the scene's caption, each answer's map from its object's phrase
     teacher_text: str | None = None
     aligner: str = "sim"  # `lavender train`'s default
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
@@ -122,9 +124,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"fine-tuning learning rate (default {defaults.learning_rate})")
     parser.add_argument("--text", choices=TEXT_SIDES, default=None,
                         help=f"the words aligned (default {defaults.text})")
-    parser.add_argument("--teacher-text", choices=TEXT_SIDES, default=None,
+    parser.add_argument("--teacher-text", choices=(*TEXT_SIDES, CAPTION), default=None,
                         help="the text the diffusion model reads (default: --text's side); it must hold the "
-                             "aligned words: both with --text answer gives answer maps read after the question")
+                             "aligned words: both with --text answer gives answer maps read after the question; "
+                             "caption (binding world, --text answer) reads the scene's caption and takes each "
+                             "answer's map from the asked-about object's phrase")
     parser.add_argument("--teacher-resolutions", type=int, nargs="+", default=None,
                         help="the diffusion model's attention sizes kept (lavender targets --resolutions; "
                              "default: all but the coarsest)")
@@ -210,7 +214,9 @@ def _unknown_names(settings: DemoSettings) -> str | None:
 
 
 def _teacher_text_problem(settings: DemoSettings) -> str | None:
-    if settings.teacher_text in (None, "both", settings.text):
+    if settings.teacher_text == CAPTION and settings.text != "answer":
+        return f"--teacher-text caption gives answer words' maps only; give --text answer, not {settings.text}"
+    if settings.teacher_text in (None, "both", CAPTION, settings.text):
         return None
     return (f"--teacher-text {settings.teacher_text} leaves out words --text {settings.text} aligns; "
             f"give --teacher-text both or {settings.text}")
@@ -439,11 +445,16 @@ def _cli(argv: list[str]) -> None:
 
 
 def _teacher_targets(dm: Path, data: Path, store: Path, settings: DemoSettings) -> Path:
+    reads_caption = settings.teacher_text == CAPTION
     _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store),
-          "--text", settings.teacher_text or settings.text,
+          "--text", settings.text if reads_caption else settings.teacher_text or settings.text,
           "--resolution", str(settings.resolution), "--timesteps", ",".join(map(str, settings.timesteps)),
           *(["--resolutions", ",".join(map(str, settings.teacher_resolutions))] if settings.teacher_resolutions else []),
           "--device", "cpu"])
+    if reads_caption:
+        from lavender.toy.caption_maps import rewrite_answer_maps
+
+        rewrite_answer_maps(dm, data, store, settings.teacher_resolutions)
     return store
 
 

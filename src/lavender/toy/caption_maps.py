@@ -9,25 +9,18 @@ naming word ("triangle" in "What color is the triangle?", "red" in "What shape i
 object?") is the asked-about object's. The occurrence is chosen from the texts alone (question,
 answer, caption), never from the scene.
 
-    python scripts/caption_teacher.py --dm DM --data SFT.jsonl --store STORE
-
-rewrites STORE, a ``lavender targets`` store of those records (``lavender demo`` makes one under
-OUTPUT/targets/sft): each record's answer-word map is replaced by the map of its caption
-occurrence, made with the store's own settings (timesteps, normalisation, resolution; the sizes of
-``--resolutions``), and every other map is kept. The metadata records the rewrite under
-``"answer_maps"``; its resume keys stay, so ``lavender demo`` with the same settings and --output
-trains its ``lavender`` and ``random`` arms on the rewritten maps.
+``lavender demo --teacher-text caption`` writes its teacher stores with the answer words' own maps
+(``lavender targets --text answer``), then :func:`rewrite_answer_maps` replaces each with the map of
+its caption occurrence, made with the store's own settings.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lavender.files import write_atomic
 from lavender.images import load_image
@@ -57,9 +50,14 @@ def caption_occurrence(question: str, answer: str, caption: str) -> tuple[int, i
     return spans[0]
 
 
-def rewrite(dm: Path, data: Path, store_dir: Path, resolutions: tuple[int, ...] | None, batch_size: int = 32) -> int:
-    """Replace the answer-word map of every record of ``store_dir``; returns how many."""
+def rewrite_answer_maps(dm: Path, data: Path, store_dir: Path, resolutions: tuple[int, ...] | None,
+                        batch_size: int = 32) -> int:
+    """Replace the answer-word map of every record of the store ``store_dir`` by its caption
+    occurrence's (``resolutions``: the diffusion model's attention sizes kept, None: the teacher's
+    default); returns how many, 0 for a store already rewritten (a resumed run)."""
     store = open_store(store_dir)
+    if "answer_maps" in store.metadata:
+        return 0
     stored = store.metadata["settings"]
     settings = ExtractionSettings(text="question", resolution=store.resolution, timesteps=tuple(stored["timesteps"]),
                                   resolutions=resolutions, normalize=stored["normalize"], seed=stored["seed"])
@@ -78,7 +76,10 @@ def rewrite(dm: Path, data: Path, store_dir: Path, resolutions: tuple[int, ...] 
             for entry, caption, maps, spans in zip(batch, texts, token_maps, offsets):
                 record = records[entry.id]
                 answer = record.text("answer").lower()
-                begin, end = caption_occurrence(record.text("question"), answer, caption)
+                try:
+                    begin, end = caption_occurrence(record.text("question"), answer, caption)
+                except ValueError as error:
+                    raise ValueError(f"{data}: record {entry.id}: {error} (a binding-world record?)") from None
                 tokens = [t for t, (a, b) in enumerate(spans) if begin <= a and b <= end and a < b]
                 word_map = resize_maps(maps[tokens].sum(0)[None, None], store.resolution)[0]
                 kept = store.get(entry.id)
@@ -93,19 +94,3 @@ def rewrite(dm: Path, data: Path, store_dir: Path, resolutions: tuple[int, ...] 
                                                    "resolutions": list(resolutions) if resolutions else None}}
     write_atomic(store_dir / METADATA, json.dumps(metadata, indent=2, ensure_ascii=False).encode())
     return rewritten
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dm", type=Path, required=True, help="the diffusion model folder")
-    parser.add_argument("--data", type=Path, required=True, help="the store's records (with captions)")
-    parser.add_argument("--store", type=Path, required=True, help="the target store to rewrite")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[16],
-                        help="the diffusion model's attention sizes kept (default %(default)s)")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(f"rewrote {rewrite(args.dm, args.data, args.store, tuple(args.resolutions))} answer maps in {args.store}")
-
-
-if __name__ == "__main__":
-    main()
