@@ -72,15 +72,22 @@ def test_coverage_is_each_cells_share_of_the_mask():
     np.testing.assert_allclose(shares, expected, atol=1e-6)
 
 
+def _scene_record(seed: int, folder):
+    """A binding-world scene written to ``folder`` as a record (its answer word's mask: the named
+    object), with the scene, its index of the named object and its object masks."""
+    scene, target_index, _ = sample_question_scene(np.random.default_rng(seed), shortcut=False)
+    pixels, masks = render(scene)
+    Image.fromarray(pixels).save(folder / "scene.png")
+    Image.fromarray(masks[target_index]).save(folder / "mask.png")
+    record = {"image": str(folder / "scene.png"), "question": "What color is the triangle?", "answer": "red",
+              "masks": {"red": str(folder / "mask.png")}, "scene": scene.to_dict()}
+    return record, scene, target_index, masks
+
+
 def test_the_named_objects_target_lies_on_its_image_tokens(llava, tmp_path):
     model, _, _ = llava
     processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
-    scene, target_index, _ = sample_question_scene(np.random.default_rng(1), shortcut=False)
-    pixels, masks = render(scene)
-    Image.fromarray(pixels).save(tmp_path / "scene.png")
-    Image.fromarray(masks[target_index]).save(tmp_path / "mask.png")
-    record = {"image": str(tmp_path / "scene.png"), "question": "What color is the triangle?", "answer": "red",
-              "masks": {"red": str(tmp_path / "mask.png")}}
+    record, scene, target_index, masks = _scene_record(1, tmp_path)
     inputs, target = looking_vs_reading.question_and_object(model, processor, record)
     image = inputs["input_ids"][0] == model.config.image_token_index
     assert target[~image].abs().sum() == 0 and abs(float(target[image].sum()) - 1) < 1e-6
@@ -95,12 +102,7 @@ def test_answer_row_shares_are_the_eager_rows_mass_on_the_image_the_named_object
     model, _, _ = llava
     model.set_attn_implementation("eager")  # `mass` reads the model's own probabilities
     processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
-    scene, target_index, _ = sample_question_scene(np.random.default_rng(2), shortcut=False)
-    pixels, masks = render(scene)
-    Image.fromarray(pixels).save(tmp_path / "scene.png")
-    Image.fromarray(masks[target_index]).save(tmp_path / "mask.png")
-    record = {"image": str(tmp_path / "scene.png"), "question": "What color is the triangle?", "answer": "red",
-              "masks": {"red": str(tmp_path / "mask.png")}, "scene": scene.to_dict()}
+    record, scene, target_index, masks = _scene_record(2, tmp_path)
     shares = looking_vs_reading.answer_row_shares(model, processor, record)
 
     # the reference: the eager last row summed over cells found by block-reducing each mask by hand
