@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +253,60 @@ def test_interval_over_seeds_matches_a_hand_computation():
     assert entry["mean"] == pytest.approx(0.6)
     assert entry["ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5)
     assert mean_interval([0.4])["ci95"] is None
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def _pool_workers(parent: int) -> list[int]:
+    """The live processes whose parent is ``parent`` and that run a multiprocessing worker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            continue
+        if int(stat.split(") ")[1].split()[1]) == parent and b"spawn_main" in command:
+            found.append(int(entry.name))
+    return [pid for pid in found if not _gone(pid)]
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_workers_stop_when_the_demo_is_killed():
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from lavender.toy.demo import _Workers\n"
+        "with _Workers(2) as workers:\n"
+        "    busy = [workers.submit(time.sleep, 120) for _ in range(2)]\n"
+        "    time.sleep(3)\n"  # both workers started, one job each
+        "    print('ready', flush=True)\n"
+        "    time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        assert parent.stdout.readline().strip() == "ready"
+        workers = _pool_workers(parent.pid)
+        assert len(workers) == 2
+        parent.send_signal(signal.SIGKILL)  # reaches the demo alone, as `kill -9 PID` does
+        parent.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and not all(_gone(pid) for pid in workers):
+            time.sleep(0.5)
+        assert all(_gone(pid) for pid in workers)
+    finally:
+        parent.kill()
+        for pid in workers:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

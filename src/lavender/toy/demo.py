@@ -325,7 +325,7 @@ class _Workers:
 
             # spawn: a fresh interpreter per worker (fork would copy torch's thread pools and locks)
             self._pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_set_threads)
+                                             initializer=_start_worker)
         return self
 
     def submit(self, function, *args) -> Future:
@@ -341,10 +341,23 @@ class _Workers:
             self._pool.shutdown(cancel_futures=exc[0] is not None)
 
 
-def _set_threads() -> None:
+def _start_worker() -> None:
+    """A worker runs on ``THREADS`` threads and stops when the demo's process is gone: a demo killed
+    by a signal that reaches it alone (not Ctrl-C, which reaches the whole group) leaves no runs
+    behind it; what they had written is kept or redone on resume, as after any interruption."""
+    import threading
+
     import torch
 
     torch.set_num_threads(THREADS)
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:  # an orphan is adopted by another process
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
