@@ -163,11 +163,11 @@ def question_and_object(model, processor, record: dict) -> tuple[dict, torch.Ten
 
 def decoy_cells(model, record: dict) -> torch.Tensor:
     """(side²,) bool: the image cells the scene's big object covers (none where no object is big)."""
-    scene = Scene.from_dict(record["scene"])
-    cells = np.zeros((grid_side(model),) * 2, bool)
-    for obj, mask in zip(record["scene"]["objects"], render(scene)[1]):
-        if obj["size"] == "big":
-            cells |= mask_coverage(mask, grid_side(model)) > 0
+    scene, side = Scene.from_dict(record["scene"]), grid_side(model)
+    cells = np.zeros((side, side), bool)
+    for obj, mask in zip(scene.objects, render(scene)[1]):
+        if obj.size == "big":
+            cells |= mask_coverage(mask, side) > 0
     return torch.from_numpy(cells.flatten())
 
 

@@ -255,29 +255,33 @@ def test_interval_over_seeds_matches_a_hand_computation():
     assert mean_interval([0.4])["ci95"] is None
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, parent, …); None once gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def _gone(pid: int) -> bool:
     """Whether process ``pid`` has exited (a zombie not yet reaped counts as exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1].startswith("Z")
-    except FileNotFoundError:
-        return True
+    fields = _stat(pid)
+    return fields is None or fields[0] == "Z"
 
 
 def _pool_workers(parent: int) -> list[int]:
     """The live processes whose parent is ``parent`` and that run a multiprocessing worker."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        fields = _stat(entry.name) if entry.name.isdigit() else None
+        if fields is None or int(fields[1]) != parent or fields[0] == "Z":
             continue
         try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes()
-        except (FileNotFoundError, NotADirectoryError, PermissionError, ProcessLookupError):
+            if b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):
             continue
-        if int(stat.split(") ")[1].split()[1]) == parent and b"spawn_main" in command:
-            found.append(int(entry.name))
-    return [pid for pid in found if not _gone(pid)]
+    return found
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")

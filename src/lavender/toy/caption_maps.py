@@ -27,9 +27,10 @@ from lavender.images import load_image
 from lavender.records import read_records
 from lavender.teacher.extract import NORMALIZATIONS, ExtractionSettings, Teacher, record_seed, resize_maps
 from lavender.teacher.store import METADATA, SHARDS, ShardRecord, open_store, read_shard_header, write_shard
+from lavender.toy.world import SIZES
 
 # "small red triangle": size, colour, shape, the grammar of the toy world's captions
-PHRASE = re.compile(r"\b(?:small|big) (\w+) (\w+)\b")
+PHRASE = re.compile(rf"\b(?:{'|'.join(SIZES)}) (\w+) (\w+)\b")
 
 
 def naming_word(question: str) -> str:

@@ -458,9 +458,10 @@ def _cli(argv: list[str]) -> None:
 
 
 def _teacher_targets(dm: Path, data: Path, store: Path, settings: DemoSettings) -> Path:
+    # caption: the store is first made for the aligned (answer) words, then their maps are replaced
     reads_caption = settings.teacher_text == CAPTION
-    _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store),
-          "--text", settings.text if reads_caption else settings.teacher_text or settings.text,
+    text = settings.text if settings.teacher_text in (None, CAPTION) else settings.teacher_text
+    _cli(["targets", "--model", str(dm), "--data", str(data), "--output", str(store), "--text", text,
           "--resolution", str(settings.resolution), "--timesteps", ",".join(map(str, settings.timesteps)),
           *(["--resolutions", ",".join(map(str, settings.teacher_resolutions))] if settings.teacher_resolutions else []),
           "--device", "cpu"])
