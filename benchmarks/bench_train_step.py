@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--targets", type=Path, required=True)
     parser.add_argument("--arch", default="llava")
-    parser.add_argument("--weights", type=Path, default=None, help="a VLM folder (default: the committed toy one)")
+    parser.add_argument("--weights", type=Path, default=None, help="a VLM folder (default: the committed toy one of the first world)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -66,7 +66,7 @@ def main() -> None:
     setup.build_trainer = build_with_clock
     with tempfile.TemporaryDirectory() as output:
         keys = {
-            "model_name_or_path": str(args.weights or WEIGHTS / args.arch), "train_file": str(args.data),
+            "model_name_or_path": str(args.weights or WEIGHTS / "shapes" / args.arch), "train_file": str(args.data),
             "targets_dir": str(args.targets), "output_dir": output, "use_peft": False,
             "att_weight": args.att_weight, "att_text": "both", "aligner": "sim", "att_rows": "predicting",
             "max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "learning_rate": 1e-3,

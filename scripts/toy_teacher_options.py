@@ -1,6 +1,6 @@
 """The teacher's options measured on the toy world: resolutions (lpm), aspect, long-text chunking.
 
-    python scripts/toy_teacher_options.py --model src/lavender/toy/weights/dm --data runs/world --limit 150
+    python scripts/toy_teacher_options.py --model src/lavender/toy/weights/shapes/dm --data runs/world --limit 150
 
 Pointing accuracy, AUROC and word-blind pointing (as ``lavender toy dm-quality``,
 :mod:`lavender.toy.quality`) of the caption's and the question's words, for:
@@ -117,7 +117,7 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("src/lavender/toy/weights/dm"))
+    parser.add_argument("--model", type=Path, default=Path("src/lavender/toy/weights/shapes/dm"))
     parser.add_argument("--data", type=Path, required=True, help="a world folder written by `lavender toy data`")
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, default=150)

@@ -24,8 +24,8 @@ _SPEC.loader.exec_module(looking_vs_reading)
 
 @pytest.fixture(scope="module")
 def llava():
-    model = AutoModelForImageTextToText.from_pretrained(WEIGHTS / "llava", attn_implementation="eager").eval()
-    processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
+    model = AutoModelForImageTextToText.from_pretrained(WEIGHTS / "shapes" / "llava", attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(WEIGHTS / "shapes" / "llava")
     scene, _, _ = sample_question_scene(np.random.default_rng(0), shortcut=False)
     inputs = model_inputs(processor, [Image.fromarray(render(scene)[0])], ["What color is the triangle?"])
     with torch.no_grad():
@@ -86,7 +86,7 @@ def _scene_record(seed: int, folder):
 
 def test_the_named_objects_target_lies_on_its_image_tokens(llava, tmp_path):
     model, _, _ = llava
-    processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
+    processor = AutoProcessor.from_pretrained(WEIGHTS / "shapes" / "llava")
     record, scene, target_index, masks = _scene_record(1, tmp_path)
     inputs, target = looking_vs_reading.question_and_object(model, processor, record)
     image = inputs["input_ids"][0] == model.config.image_token_index
@@ -101,7 +101,7 @@ def test_the_named_objects_target_lies_on_its_image_tokens(llava, tmp_path):
 def test_answer_row_shares_are_the_eager_rows_mass_on_the_image_the_named_object_and_the_decoy(llava, tmp_path):
     model, _, _ = llava
     model.set_attn_implementation("eager")  # `mass` reads the model's own probabilities
-    processor = AutoProcessor.from_pretrained(WEIGHTS / "llava")
+    processor = AutoProcessor.from_pretrained(WEIGHTS / "shapes" / "llava")
     record, scene, target_index, masks = _scene_record(2, tmp_path)
     shares = looking_vs_reading.answer_row_shares(model, processor, record)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lavender.teacher.store import open_store
 from lavender.toy import caption_maps
 from lavender.toy.binding import make_record
-from lavender.toy.demo import QUICK, WEIGHTS, _teacher_targets, _teacher_text_problem
+from lavender.toy.demo import WEIGHTS, DemoSettings, _teacher_targets, _teacher_text_problem
 from lavender.toy.splits import BINDING_SPLITS
 from lavender.toy.world import COLORS, SHAPES
 
@@ -56,8 +56,8 @@ def test_no_phrase_or_two_is_an_error():
 
 
 def test_the_demo_refuses_caption_maps_for_question_words():
-    assert "--text answer" in _teacher_text_problem(replace(QUICK, text="both", teacher_text="caption"))
-    assert _teacher_text_problem(replace(QUICK, text="answer", teacher_text="caption")) is None
+    assert "--text answer" in _teacher_text_problem(DemoSettings(text="both", teacher_text="caption"))
+    assert _teacher_text_problem(DemoSettings(text="answer", teacher_text="caption")) is None
 
 
 def test_the_demos_caption_teacher_replaces_the_answer_maps_only(tmp_path):
@@ -72,10 +72,10 @@ def test_the_demos_caption_teacher_replaces_the_answer_maps_only(tmp_path):
         lines.append(json.dumps(record))
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    settings = replace(QUICK, text="answer", teacher_resolutions=(16,))
-    plain = open_store(_teacher_targets(WEIGHTS / "dm", data, tmp_path / "plain", settings))
-    read = open_store(_teacher_targets(WEIGHTS / "dm", data, tmp_path / "caption",
-                                       replace(settings, teacher_text="caption")))
+    settings = DemoSettings(text="answer", teacher_text="caption", teacher_resolutions=(16,))
+    dm = WEIGHTS / "binding" / "dm"
+    plain = open_store(_teacher_targets(dm, data, tmp_path / "plain", replace(settings, teacher_text=None)))
+    read = open_store(_teacher_targets(dm, data, tmp_path / "caption", settings))
     assert read.metadata["answer_maps"]["from"] == "caption phrase of the named object"
     assert "answer_maps" not in plain.metadata
     for line in lines:
@@ -85,4 +85,4 @@ def test_the_demos_caption_teacher_replaces_the_answer_maps_only(tmp_path):
         assert not np.allclose(after[record["answer"]], before[record["answer"]], atol=1e-2)
         assert after[record["answer"]].max() == pytest.approx(1, abs=1e-3)  # min–max, as the store's others
     # resumed: the rewritten store is kept as it is
-    assert caption_maps.rewrite_answer_maps(WEIGHTS / "dm", data, tmp_path / "caption", (16,)) == 0
+    assert caption_maps.rewrite_answer_maps(dm, data, tmp_path / "caption", (16,)) == 0

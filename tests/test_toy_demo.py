@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from lavender.cli import build_parser
+from lavender.teacher.store import open_store
 from lavender.toy.demo import (
     ARMS,
+    SHAPES,
+    DemoSettings,
+    OutputInUse,
+    _claim_output,
     derangement,
     locate_models,
     mean_interval,
@@ -52,7 +58,7 @@ def weights(world, tmp_path_factory):
 
 def test_quick_demo_writes_every_result(world, weights, tmp_path):
     output = tmp_path / "demo"
-    code = _lavender("demo", "--quick", "--weights", str(weights), "--world", str(world), "--output", str(output),
+    code = _lavender("demo", "--preset", "shapes", "--quick", "--weights", str(weights), "--world", str(world), "--output", str(output),
                      "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "2")  # worker processes
     assert code == 0
     results = json.loads((output / "results.json").read_text())
@@ -75,14 +81,12 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
                 assert entry["mean"] == pytest.approx(100 * (accuracy[arm] - accuracy["sft"]), abs=0.01)
                 assert entry["ci95"] is None and entry["n"] == 1  # one seed: no interval
     # each arm was really trained, on its own store: λ = 0 for plain SFT, > 0 for the others
-    from lavender.toy.demo import QUICK
-
     stores = {"sft": "targets/sft", "lavender": "targets/sft", "oracle": "targets/oracle",
               "random": "targets/random", "inverted": "targets/inverted"}
     for arm, store in stores.items():
         train_keys = (output / "train" / "llava" / arm / "seed0" / "lavender_train.yaml").read_text()
-        weight = 0.0 if arm == "sft" else QUICK.att_weight
-        assert f"att_weight: {weight}" in train_keys and f"att_rows: {QUICK.rows}" in train_keys
+        weight = 0.0 if arm == "sft" else SHAPES.att_weight
+        assert f"att_weight: {weight}" in train_keys and f"att_rows: {SHAPES.rows}" in train_keys
         assert f"targets_dir: {output / store}\n" in train_keys
     assert results["teacher"]["sft"]["words"] > 0
     text = (output / "results.md").read_text()
@@ -93,14 +97,12 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
 
 def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world, weights, tmp_path, capsys):
     output = tmp_path / "val"
-    common = ("demo", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
+    common = ("demo", "--preset", "shapes", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
               "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1",  # in this process
               "--att-layers", "1", "--aggregation", "heads_max", "--text", "answer", "--teacher-text", "both",
               "--teacher-resolutions", "16")
     arms = ("--arms", "lavender", "oracle")
     import torch
-
-    from lavender.teacher.store import open_store
 
     threads = torch.get_num_threads()
     assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none",
@@ -158,10 +160,50 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     assert _lavender(*common, "--steps", "1", *arms, "--att-normalization", "none") == 0
 
 
+@pytest.fixture(scope="module")
+def binding_world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("binding")
+    sizes = {"sft": 8, "test_id": 6, "test_ood": 6}
+    write_world(folder, world="binding", sizes=sizes, splits=tuple(sizes), progress=False)
+    return folder
+
+
+def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tmp_path):
+    """The default preset at smoke size: its world, its VLM, the caption teacher and each arm's recipe."""
+    output = tmp_path / "demo"
+    assert _lavender("demo", "--quick", "--weights", str(weights), "--world", str(binding_world), "--output",
+                     str(output), "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "1") == 0
+    results = json.loads((output / "results.json").read_text())
+    binding = DemoSettings()
+    assert results["settings"]["world"] == "binding" and set(results["summary"]) == set(binding.archs) == {"mllama"}
+    teacher = open_store(output / "targets" / "sft").metadata
+    assert teacher["answer_maps"]["from"] == "caption phrase of the named object"
+    for arm in ARMS:
+        keys = yaml.safe_load((output / "train" / "mllama" / arm / "seed0" / "lavender_train.yaml").read_text())
+        assert keys["freeze_vision"] is True and keys["aligner"] == "none" and keys["att_text"] == "answer"
+        assert keys["learning_rate"] == binding.learning_rate and keys["att_weight"] == (arm != "sft") * 10.0
+        # the teacher's maps (and the random control's, the teacher's of another record) sharpened; masks not
+        assert keys["att_target_power"] == (binding.target_power if arm in ("lavender", "random") else 1.0)
+    assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
+
+
+def test_a_world_or_a_folder_of_the_other_experiment_is_refused(world, weights, tmp_path, capsys):
+    assert _lavender("demo", "--quick", "--weights", str(weights), "--world", str(world),
+                     "--output", str(tmp_path / "demo")) == 2
+    assert "holds the shapes world, but the settings run the binding world; pass --preset shapes" in capsys.readouterr().out
+    # a folder written before the binding experiment existed names no world: it ran the shapes one
+    models = locate_models(weights, None, ("llava",))
+    _claim_output(tmp_path, SHAPES, models)
+    run = json.loads((tmp_path / "run.json").read_text())
+    del run["settings"]["world"]
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    _claim_output(tmp_path, SHAPES, models)
+    with pytest.raises(OutputInUse, match="other .*world"):
+        _claim_output(tmp_path, replace(DemoSettings(), archs=("llava",)), models)
+
+
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):
     from lavender.records import read_records
-    from lavender.teacher.store import open_store
-
     store = open_store(write_mask_store(world / "sft.jsonl", tmp_path / "oracle", resolution=8, text="both"))
     assert store.metadata["settings"]["text"] == "both" and store.resolution == 8
     checked = 0
@@ -181,8 +223,6 @@ def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):
 
 def test_inverted_store_is_one_minus_the_oracle(world, tmp_path):
     from lavender.records import read_records
-    from lavender.teacher.store import open_store
-
     oracle = open_store(write_mask_store(world / "sft.jsonl", tmp_path / "oracle", resolution=8, text="both"))
     inverted = open_store(write_mask_store(world / "sft.jsonl", tmp_path / "inverted", resolution=8, text="both",
                                            invert=True))
@@ -208,7 +248,7 @@ def test_derangement_moves_every_index_and_is_seeded():
 
 def test_random_store_gives_each_record_another_records_maps(tmp_path):
     """Hand-made teacher store: word w of record i is filled with i + w/8, so a map says whose it is."""
-    from lavender.teacher.store import ShardRecord, open_store, prepare_store, write_shard
+    from lavender.teacher.store import ShardRecord, prepare_store, write_shard
 
     source = tmp_path / "teacher"
     words = {0: ["circle", "red"], 1: ["square"], 2: ["red", "triangle"], 3: ["blue"], 4: ["circle"]}
