@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--targets", type=Path, required=True)
     parser.add_argument("--arch", default="llava")
-    parser.add_argument("--weights", type=Path, default=None, help="a VLM folder (default: the committed toy one of the first world)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a VLM folder (default: the committed toy one of the first world)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)

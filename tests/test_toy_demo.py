@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from transformers import AutoConfig
 
 from lavender.cli import build_parser
 from lavender.teacher.store import open_store
 from lavender.toy.demo import (
     ARMS,
+    PRESETS,
     SHAPES,
+    WEIGHTS,
     DemoSettings,
     OutputInUse,
+    WorldMismatch,
     _claim_output,
     derangement,
     locate_models,
@@ -58,7 +62,8 @@ def weights(world, tmp_path_factory):
 
 def test_quick_demo_writes_every_result(world, weights, tmp_path):
     output = tmp_path / "demo"
-    code = _lavender("demo", "--preset", "shapes", "--quick", "--weights", str(weights), "--world", str(world), "--output", str(output),
+    code = _lavender("demo", "--preset", "shapes", "--quick", "--weights", str(weights), "--world", str(world),
+                     "--output", str(output),
                      "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "2")  # worker processes
     assert code == 0
     results = json.loads((output / "results.json").read_text())
@@ -97,7 +102,8 @@ def test_quick_demo_writes_every_result(world, weights, tmp_path):
 
 def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world, weights, tmp_path, capsys):
     output = tmp_path / "val"
-    common = ("demo", "--preset", "shapes", "--quick", "--validation", "--arch", "llava", "--weights", str(weights), "--world", str(world),
+    common = ("demo", "--preset", "shapes", "--quick", "--validation", "--arch", "llava", "--weights", str(weights),
+              "--world", str(world),
               "--output", str(output), "--sft-size", "8", "--eval-size", "6", "--jobs", "1",  # in this process
               "--att-layers", "1", "--aggregation", "heads_max", "--text", "answer", "--teacher-text", "both",
               "--teacher-resolutions", "16")
@@ -178,6 +184,7 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
     assert results["settings"]["world"] == "binding" and set(results["summary"]) == set(binding.archs) == {"mllama"}
     teacher = open_store(output / "targets" / "sft").metadata
     assert teacher["answer_maps"]["from"] == "caption phrase of the named object"
+    assert teacher["settings"]["resolutions"] == list(binding.teacher_resolutions)
     for arm in ARMS:
         keys = yaml.safe_load((output / "train" / "mllama" / arm / "seed0" / "lavender_train.yaml").read_text())
         assert keys["freeze_vision"] is True and keys["aligner"] == "none" and keys["att_text"] == "answer"
@@ -187,19 +194,52 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
     assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
 
 
-def test_a_world_or_a_folder_of_the_other_experiment_is_refused(world, weights, tmp_path, capsys):
-    assert _lavender("demo", "--quick", "--weights", str(weights), "--world", str(world),
-                     "--output", str(tmp_path / "demo")) == 2
-    assert "holds the shapes world, but the settings run the binding world; pass --preset shapes" in capsys.readouterr().out
-    # a folder written before the binding experiment existed names no world: it ran the shapes one
+def test_a_world_folder_decides_the_world_and_the_preset_the_settings(world, binding_world, weights, tmp_path,
+                                                                      monkeypatch, capsys):
+    import lavender.toy.demo as demo
+
+    ran = {}
+    monkeypatch.setattr(demo, "run_demo", lambda settings, models, *a, **k: ran.update(settings=settings, models=models))
+    monkeypatch.setattr(demo, "format_results", lambda results: "")
+    # the first world's settings on the binding world: how its recorded runs before the presets ran
+    assert _lavender("demo", "--preset", "shapes", "--world", str(binding_world)) == 0
+    assert ran["settings"] == replace(SHAPES, world="binding")
+    assert ran["models"]["mllama"] == demo.WEIGHTS / "binding" / "mllama"  # the world's committed weights
+    # the caption teacher reads the binding world's grammar only: refused on the other world, before any work
+    assert _lavender("demo", "--world", str(world), "--output", str(tmp_path / "demo")) == 2
+    assert "--teacher-text caption reads the binding world's captions, not the shapes world's" in capsys.readouterr().out
+    # an output folder holding the other world (written before the presets) is refused, not rewritten
+    with pytest.raises(WorldMismatch, match="holds the shapes world, but these settings run the binding world"):
+        demo._write_world(world, DemoSettings())
+
+
+def test_each_preset_finds_its_committed_weights(monkeypatch):
+    import lavender.toy.demo as demo
+
+    ran = {}
+    monkeypatch.setattr(demo, "run_demo", lambda settings, models, *a, **k: ran.update(settings=settings, models=models))
+    monkeypatch.setattr(demo, "format_results", lambda results: "")
+    for preset, settings in PRESETS.items():
+        assert _lavender("demo", "--preset", preset, "--arch", "llava", "mllama") == 0
+        assert ran["settings"].world == settings.world
+        assert ran["models"] == locate_models(WEIGHTS / settings.world, None, ("llava", "mllama"))
+        for name, path in ran["models"].items():
+            if name != "dm":
+                assert AutoConfig.from_pretrained(path).model_type == name  # the real class, loadable
+
+
+def test_a_folder_from_before_the_presets_resumes_with_the_settings_it_ran(weights, tmp_path):
+    # its run.json names no world: it ran the shapes settings on whichever world its world folder holds
     models = locate_models(weights, None, ("llava",))
-    _claim_output(tmp_path, SHAPES, models)
-    run = json.loads((tmp_path / "run.json").read_text())
-    del run["settings"]["world"]
-    (tmp_path / "run.json").write_text(json.dumps(run))
-    _claim_output(tmp_path, SHAPES, models)
-    with pytest.raises(OutputInUse, match="other .*world"):
-        _claim_output(tmp_path, replace(DemoSettings(), archs=("llava",)), models)
+    for kind in ("shapes", "binding"):
+        (tmp_path / kind).mkdir()
+        _claim_output(tmp_path / kind, replace(SHAPES, world=kind), models)
+        run = json.loads((tmp_path / kind / "run.json").read_text())
+        del run["settings"]["world"]
+        (tmp_path / kind / "run.json").write_text(json.dumps(run))
+        _claim_output(tmp_path / kind, replace(SHAPES, world=kind), models)
+    with pytest.raises(OutputInUse, match="other aligner, .*steps"):
+        _claim_output(tmp_path / "binding", DemoSettings(archs=("llava",)), models)
 
 
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):

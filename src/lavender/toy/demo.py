@@ -117,6 +117,7 @@ SHAPES = DemoSettings(world="shapes", archs=("llava", "mllama"), sft_size=1000, 
                       text="both", teacher_text=None, aligner="sim", target_power=1.0, freeze_vision=False,
                       teacher_resolutions=None)
 PRESETS = {"binding": DemoSettings(), "shapes": SHAPES}
+DEFAULT_PRESET = "binding"
 QUICK = {"seeds": 1, "sft_size": 48, "eval_size": 24, "steps": 6, "batch_size": 4}  # over a preset: a smoke run
 
 
@@ -124,19 +125,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from lavender.toy.vlm import ARCHS
     from lavender.training.config import QUERY_ROWS, TEXT_SIDES
 
-    defaults = DemoSettings()
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="binding",
-                        help="the recorded experiment whose settings the options below override: binding (the "
-                             "world where grounding decides; the defaults shown below) or shapes (the first "
-                             "world, both VLMs; docs/toy.md)")
+    defaults = PRESETS[DEFAULT_PRESET]
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+                        help="the recorded experiment whose settings the options below override (default "
+                             "%(default)s: the world where grounding decides, the toy Mllama; shapes: the first "
+                             "world, both VLMs). The defaults shown below are binding's; docs/toy.md lists both")
     parser.add_argument("--quick", action="store_true", help="1 seed, few records and steps (a smoke run)")
     parser.add_argument("--output", type=Path, default=Path("runs/demo"), help="folder to write (default: %(default)s)")
     parser.add_argument("--weights", type=Path, default=None,
-                        help="folder with dm/, llava/, mllama/ (default: the committed weights of the preset's "
-                             f"world, {WEIGHTS}/WORLD)")
-    parser.add_argument("--dm", type=Path, default=None, help="the diffusion model folder (default: WEIGHTS/dm)")
+                        help="folder with dm/, llava/, mllama/ (default: the committed weights of the world run, "
+                             f"{WEIGHTS}/WORLD)")
+    parser.add_argument("--dm", type=Path, default=None, help="the diffusion model folder (default: --weights' dm/)")
     parser.add_argument("--world", type=Path, default=None,
-                        help="an existing folder of the preset's world (default: write one under OUTPUT/world)")
+                        help="an existing world folder: its world is run, with the preset's settings (default: "
+                             "write the preset's world under OUTPUT/world)")
     parser.add_argument("--arch", nargs="+", choices=ARCHS, default=None,
                         help=f"VLMs to run (default {' '.join(defaults.archs)})")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {defaults.seeds})")
@@ -150,15 +152,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text", choices=TEXT_SIDES, default=None,
                         help=f"the words aligned (default {defaults.text})")
     parser.add_argument("--teacher-text", choices=(*TEXT_SIDES, CAPTION), default=None,
-                        help=f"the text the diffusion model reads (default {defaults.teacher_text}; shapes: --text's "
-                             "side); it must hold the "
+                        help=f"the text the diffusion model reads (default {defaults.teacher_text}); it must hold the "
                              "aligned words: both with --text answer gives answer maps read after the question; "
                              "caption (binding world, --text answer) reads the scene's caption and takes each "
                              "answer's map from the asked-about object's phrase")
     parser.add_argument("--teacher-resolutions", type=int, nargs="+", default=None,
                         help="the diffusion model's attention sizes kept (lavender targets --resolutions; "
-                             f"default {' '.join(map(str, defaults.teacher_resolutions))}; shapes: all but the "
-                             "coarsest)")
+                             f"default {' '.join(map(str, defaults.teacher_resolutions))})")
     parser.add_argument("--aligner", default=None, help=f"the aligner (default {defaults.aligner})")
     parser.add_argument("--att-rows", choices=QUERY_ROWS, default=None,
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
@@ -189,6 +189,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = PRESETS[args.preset]
+    if args.world is not None and (kind := _folder_world(args.world)):
+        settings = replace(settings, world=kind)  # the folder decides the world; the preset, the settings
     if args.quick:
         settings = replace(settings, **QUICK)
     overrides = {"archs": tuple(args.arch) if args.arch else None, "seeds": args.seeds, "steps": args.steps,
@@ -243,6 +245,10 @@ def _unknown_names(settings: DemoSettings) -> str | None:
 
 
 def _teacher_text_problem(settings: DemoSettings) -> str | None:
+    if settings.teacher_text == CAPTION and settings.world != "binding":
+        # only its grammar names each question's object in the caption (lavender.toy.caption_maps)
+        return (f"--teacher-text caption reads the binding world's captions, not the {settings.world} world's; "
+                "give another --teacher-text (or --preset shapes)")
     if settings.teacher_text == CAPTION and settings.text != "answer":
         return f"--teacher-text caption gives answer words' maps only; give --text answer, not {settings.text}"
     if settings.teacher_text in (None, "both", CAPTION, settings.text):
@@ -281,7 +287,7 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     worker processes of one thread each; with 1 they run in this process, also on one thread.
     """
     if world is not None:
-        _check_world(Path(world), settings)
+        _check_world_seed(Path(world), settings.world_seed)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _claim_output(output, settings, models)
@@ -425,8 +431,9 @@ def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path])
     path = output / "run.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        # a folder written before a setting existed ran with its default then: the shapes experiment's
-        defaults = {"settings": json.loads(json.dumps(asdict(SHAPES))), "models": {}}
+        # a folder written before a setting existed ran with its default then: the shapes experiment's,
+        # on the world of its world folder (which recorded none; that folder is checked apart)
+        defaults = {"settings": json.loads(json.dumps(asdict(replace(SHAPES, world=settings.world)))), "models": {}}
         changed = sorted(key for part in ("settings", "models") for key in run[part]
                          if previous.get(part, {}).get(key, defaults[part].get(key)) != run[part][key])
         if changed:
@@ -436,27 +443,32 @@ def _claim_output(output: Path, settings: DemoSettings, models: dict[str, Path])
 
 
 class WorldMismatch(ValueError):
-    """The world folder holds another kind of world, or one from another seed, than the settings say."""
+    """The world folder was written from another seed, or holds another world, than the settings say."""
 
 
-def _check_world(world: Path, settings: DemoSettings) -> None:
+def _folder_world(world: Path) -> str | None:
+    """The world a folder holds, as its manifest names it (None: no manifest)."""
+    from lavender.toy.splits import manifest_world
+
+    manifest = Path(world) / "world.json"
+    return manifest_world(json.loads(manifest.read_text())) if manifest.is_file() else None
+
+
+def _check_world_seed(world: Path, seed: int) -> None:
     manifest = world / "world.json"
-    if not manifest.is_file():
-        return
-    written = json.loads(manifest.read_text())
-    kind = written.get("world", "shapes")  # manifests written before the binding world hold the first one
-    if kind != settings.world:
-        raise WorldMismatch(f"{world} holds the {kind} world, but the settings run the {settings.world} world; "
-                            f"pass --preset {kind} (or another --world)")
-    seed = written.get("seed")
-    if seed is not None and seed != settings.world_seed:
-        raise WorldMismatch(f"{world} holds the world of seed {seed}, but --world-seed is {settings.world_seed}; "
-                            f"pass --world-seed {seed} (or another --world)")
+    written = json.loads(manifest.read_text()).get("seed") if manifest.is_file() else None
+    if written is not None and written != seed:
+        raise WorldMismatch(f"{world} holds the world of seed {written}, but --world-seed is {seed}; "
+                            f"pass --world-seed {written} (or another --world)")
 
 
 def _write_world(folder: Path, settings: DemoSettings) -> Path:
     from lavender.toy.splits import write_world
 
+    held = _folder_world(folder)
+    if held not in (None, settings.world):  # a folder from before the presets, run with the other one
+        raise WorldMismatch(f"{folder} holds the {held} world, but these settings run the {settings.world} "
+                            "world; choose another --output")
     sizes = {"sft": settings.sft_size, **{s: settings.eval_size for s in settings.eval_splits}}
     write_world(folder, seed=settings.world_seed, sizes=sizes, splits=("sft", *settings.eval_splits), progress=False,
                 world=settings.world)

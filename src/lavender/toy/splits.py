@@ -128,6 +128,12 @@ def get_world(name: str, sft_shortcut_free: float = 0.0) -> World:
     raise ValueError(f"unknown world {name!r}; choose one of {', '.join(WORLD_NAMES)}")
 
 
+def manifest_world(manifest: dict) -> str:
+    """The world a ``world.json`` describes: manifests written before the binding world existed
+    name none, and hold the first one."""
+    return manifest.get("world", "shapes")
+
+
 def write_split(output: Path, seed: int, split: Split, world: World, image_size: int = 64,
                 progress: bool = True) -> Path:
     """Write one split's images, masks and JSONL; the JSONL appears last, atomically."""
@@ -188,9 +194,8 @@ def write_world(
         raise ValueError(f"unknown split(s) {sorted(unknown)}; the {world} world has {list(kind.split_names)}")
     manifest_path = output / "world.json"
     previous = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    # manifests written before the binding world existed name no world: they hold the first one
-    # ... and none written before sft_shortcut_free existed has a shortcut-free record
-    held = (previous.get("world", "shapes"), previous.get("seed"), previous.get("image_size"),
+    # no manifest written before sft_shortcut_free existed has a shortcut-free record
+    held = (manifest_world(previous), previous.get("seed"), previous.get("image_size"),
             previous.get("sft_shortcut_free", 0.0))
     if previous and held != (world, seed, image_size, sft_shortcut_free):
         raise ValueError(
