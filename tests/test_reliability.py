@@ -145,6 +145,19 @@ def test_a_truncated_shard_is_reported_and_redone_on_resume(tmp_path, teacher, c
         assert all(np.array_equal(maps[key], store.get(record_id)[key]) for key in maps)
 
 
+def test_a_killed_runs_half_written_shards_are_cleared_on_resume(tmp_path, teacher):
+    manifest = write_dataset(tmp_path / "data", 4)
+    records, output = read_records(manifest), tmp_path / "store"
+    extract_targets(records, teacher, output, data=manifest, shard_size=2, progress=False)
+    shards = output / "shards"
+    (shards / "shard-000001.safetensors").unlink()  # killed while writing it: the temporary stays
+    for name in ("shard-000000.safetensors", "shard-000001.safetensors"):
+        (shards / f".{name}.k1ll3d.tmp").write_bytes(b"half a shard")  # as write_atomic names them
+    summary = extract_targets(records, teacher, output, data=manifest, shard_size=2, progress=False)
+    assert (summary.done, summary.skipped) == (2, 2)
+    assert sorted(p.name for p in shards.iterdir()) == ["shard-000000.safetensors", "shard-000001.safetensors"]
+
+
 def test_write_atomic_replaces_whole_files_only(tmp_path):
     path = write_atomic(tmp_path / "a.json", "old")
     write_atomic(path, b"new")

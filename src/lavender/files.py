@@ -3,7 +3,8 @@
 * :func:`write_atomic` writes through a temporary file created in the target's own folder with
   ``O_EXCL`` (``tempfile.mkstemp``: a unique name, never a link followed), syncs it, and renames it
   over the target, so a reader sees the old file or the new one, never half of one; a failed write
-  removes its temporary file, and a full disk is a :class:`DiskFull` naming the folder.
+  removes its temporary file, and a full disk is a :class:`DiskFull` naming the folder; a killed
+  writer's temporary file stays until :func:`remove_temporaries` clears it.
 * :func:`file_stem` turns an untrusted id (a record's) into a file name component that stays in
   its folder, whatever the id holds (``/``, ``..``, NUL, 10 000 characters).
 * :func:`exclusive` holds an advisory lock for as long as one process writes somewhere; the kernel
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import os
 import re
@@ -74,6 +76,19 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     finally:
         os.close(directory)
     return path
+
+
+def remove_temporaries(path: str | os.PathLike) -> int:
+    """Remove the temporary files that killed :func:`write_atomic` calls for ``path`` left behind;
+    returns how many. Only for a caller that knows no live process is writing ``path`` (one that
+    holds the :func:`exclusive` lock of its writers): a live writer's file would go too."""
+    path = Path(path)
+    removed = 0
+    for temporary in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+            removed += 1
+    return removed
 
 
 def file_stem(identifier: str, limit: int = 40) -> str:

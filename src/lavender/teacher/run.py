@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lavender.errors import LavenderError
-from lavender.files import exclusive
+from lavender.files import exclusive, remove_temporaries
 from lavender.images import ImageError, load_image
 from lavender.records import Record, text_sides
 from lavender.teacher.extract import SampleMaps, Teacher, record_seed
@@ -140,6 +140,8 @@ def extract_targets(
         finished = finished_shards(root)  # each rank checks its own shards: no rank removes another's
         finished -= _damaged(root, sorted(i for i in finished if i % world_size == rank))
         mine = [i for i in range(shard_count) if i % world_size == rank and i not in finished]
+        for index in range(rank, shard_count, world_size):  # left by a killed run of this rank: its
+            remove_temporaries(root / SHARDS / shard_name(index))  # lock says no writer of them is live
         summary = Summary(skipped=sum(min(shard_size, len(records) - i * shard_size) for i in finished))
         total = sum(min(shard_size, len(records) - i * shard_size) for i in mine)
         bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)
