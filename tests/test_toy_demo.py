@@ -194,13 +194,20 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
     assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
 
 
-def test_a_world_folder_decides_the_world_and_the_preset_the_settings(world, binding_world, weights, tmp_path,
-                                                                      monkeypatch, capsys):
+@pytest.fixture
+def ran(monkeypatch) -> dict:
+    """What `lavender demo` would run (its settings and models), recorded instead of running it."""
     import lavender.toy.demo as demo
 
     ran = {}
     monkeypatch.setattr(demo, "run_demo", lambda settings, models, *a, **k: ran.update(settings=settings, models=models))
     monkeypatch.setattr(demo, "format_results", lambda results: "")
+    return ran
+
+
+def test_a_world_folder_decides_the_world_and_the_preset_the_settings(world, binding_world, tmp_path, ran, capsys):
+    import lavender.toy.demo as demo
+
     # the first world's settings on the binding world: how its recorded runs before the presets ran
     assert _lavender("demo", "--preset", "shapes", "--world", str(binding_world)) == 0
     assert ran["settings"] == replace(SHAPES, world="binding")
@@ -213,12 +220,7 @@ def test_a_world_folder_decides_the_world_and_the_preset_the_settings(world, bin
         demo._write_world(world, DemoSettings())
 
 
-def test_each_preset_finds_its_committed_weights(monkeypatch):
-    import lavender.toy.demo as demo
-
-    ran = {}
-    monkeypatch.setattr(demo, "run_demo", lambda settings, models, *a, **k: ran.update(settings=settings, models=models))
-    monkeypatch.setattr(demo, "format_results", lambda results: "")
+def test_each_preset_finds_its_committed_weights(ran):
     for preset, settings in PRESETS.items():
         assert _lavender("demo", "--preset", preset, "--arch", "llava", "mllama") == 0
         assert ran["settings"].world == settings.world

@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from lavender.errors import LavenderError
 
@@ -78,16 +77,20 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def remove_temporaries(path: str | os.PathLike) -> int:
-    """Remove the temporary files that killed :func:`write_atomic` calls for ``path`` left behind;
-    returns how many. Only for a caller that knows no live process is writing ``path`` (one that
-    holds the :func:`exclusive` lock of its writers): a live writer's file would go too."""
-    path = Path(path)
+def remove_temporaries(folder: str | os.PathLike, names: Collection[str]) -> int:
+    """Remove the temporary files that killed :func:`write_atomic` calls for the files ``names`` of
+    ``folder`` left behind, in one pass over the folder; returns how many. Only for a caller that
+    knows no live process is writing those files (one that holds the :func:`exclusive` lock of their
+    writers): a live writer's file would go too."""
+    names = set(names)
     removed = 0
-    for temporary in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-            removed += 1
+    for entry in os.scandir(folder):
+        is_temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        # write_atomic's ".NAME.RANDOM.tmp": mkstemp's RANDOM holds no dot
+        if is_temporary and entry.name[1:-4].rpartition(".")[0] in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
     return removed
 
 

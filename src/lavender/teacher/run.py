@@ -140,8 +140,8 @@ def extract_targets(
         finished = finished_shards(root)  # each rank checks its own shards: no rank removes another's
         finished -= _damaged(root, sorted(i for i in finished if i % world_size == rank))
         mine = [i for i in range(shard_count) if i % world_size == rank and i not in finished]
-        for index in range(rank, shard_count, world_size):  # left by a killed run of this rank: its
-            remove_temporaries(root / SHARDS / shard_name(index))  # lock says no writer of them is live
+        # half-written by a killed run of this rank: its lock says no writer of these shards is live
+        remove_temporaries(root / SHARDS, {shard_name(i) for i in range(rank, shard_count, world_size)})
         summary = Summary(skipped=sum(min(shard_size, len(records) - i * shard_size) for i in finished))
         total = sum(min(shard_size, len(records) - i * shard_size) for i in mine)
         bar = tqdm(total=total, unit="img", desc=f"targets (rank {rank})", disable=not progress or rank != 0)

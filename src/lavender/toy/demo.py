@@ -446,17 +446,22 @@ class WorldMismatch(ValueError):
     """The world folder was written from another seed, or holds another world, than the settings say."""
 
 
+def _manifest(world: Path) -> dict | None:
+    """A world folder's ``world.json`` (None: it has none yet)."""
+    path = Path(world) / "world.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _folder_world(world: Path) -> str | None:
     """The world a folder holds, as its manifest names it (None: no manifest)."""
     from lavender.toy.splits import manifest_world
 
-    manifest = Path(world) / "world.json"
-    return manifest_world(json.loads(manifest.read_text())) if manifest.is_file() else None
+    manifest = _manifest(world)
+    return manifest_world(manifest) if manifest is not None else None
 
 
 def _check_world_seed(world: Path, seed: int) -> None:
-    manifest = world / "world.json"
-    written = json.loads(manifest.read_text()).get("seed") if manifest.is_file() else None
+    written = (_manifest(world) or {}).get("seed")
     if written is not None and written != seed:
         raise WorldMismatch(f"{world} holds the world of seed {written}, but --world-seed is {seed}; "
                             f"pass --world-seed {written} (or another --world)")
