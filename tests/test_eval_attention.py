@@ -219,6 +219,41 @@ def test_show_draws_teacher_and_vlm_rows(llava, data_and_store, tmp_path):
     assert Image.open(figure).size[0] > Image.open(figure).size[1]  # image + 2 words per row, 2 rows
 
 
+def test_show_draws_the_rows_and_layers_a_model_was_aligned_on(llava, data_and_store, tmp_path):
+    """A run aligned on the rows predicting each word, in one layer, is drawn on those; --att-rows
+    and --att-layers choose others."""
+    import shutil
+
+    import yaml
+
+    from lavender import show
+
+    data, store = data_and_store
+    tuned = shutil.copytree(llava, tmp_path / "tuned")
+    (tuned / "lavender_train.yaml").write_text(yaml.safe_dump({"att_rows": "predicting", "att_layers": [1]}))
+    parser = argparse.ArgumentParser()
+    show.add_arguments(parser)
+    options = ["--targets", str(store), "--model", str(tuned), "--data", str(data), "--id", "1",
+               "--output", str(tmp_path / "maps.png")]
+
+    def drawn(*extra: str) -> dict[str, np.ndarray]:
+        return show.vlm_maps(parser.parse_args([*options, *extra]), "1")[1]
+
+    model, processor = load_model(tuned)
+    record = read_records(data)[0]
+
+    def expected(**capture) -> dict[str, np.ndarray]:
+        return record_word_maps(model, processor, record, ["square", "red"], size=8, side="answer", **capture)
+
+    aligned = expected(layers=[1], query_rows="predicting")
+    own_rows = expected(layers=None, query_rows="word")
+    assert not np.allclose(aligned["square"], own_rows["square"])  # the choice shows in the maps
+    for maps, reference in [(drawn(), aligned), (drawn("--att-rows", "word", "--att-layers", "0", "1"), own_rows)]:
+        assert list(maps) == ["square", "red"]
+        for word in maps:
+            np.testing.assert_allclose(maps[word], reference[word], atol=1e-6)
+
+
 def test_a_saved_alignment_head_adds_head_maps(llava, data_and_store, tmp_path):
     import shutil
 

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from lavender.evaluation.capture_options import add_capture_arguments, capture_choice
+
 
 def word_labels(words: list[dict]) -> dict[str, str]:
     """Stored key → the label drawn: the word's text, ``@t`` after it for exchange t ≥ 1."""
@@ -35,25 +37,29 @@ def teacher_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[st
 
 def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, np.ndarray]]:
     """The VLM's own attention per word (mean over the captured layers and heads, min–max), for the
-    teacher's words when --targets is given (same columns), else for every word of the record."""
+    teacher's words when --targets is given (same columns), else for every word of the record; the
+    layers and rows are the ones the model was aligned on unless --att-* says otherwise."""
     from lavender.evaluation.attention import record_word_maps
     from lavender.evaluation.generation import load_model
     from lavender.teacher.store import turn_key
     from lavender.words import split_words
 
     record = find_record(args, record_id)
-    size, labels = 32, {}
+    size, labels, side = 32, {}, "both"
     if args.targets is not None:
         from lavender.teacher.store import open_store
 
         store = open_store(args.targets)
         size, labels = store.resolution, word_labels(store.words(record_id))
+        side = store.metadata.get("settings", {}).get("text", side)
     else:
         for turn, exchange in enumerate(record.exchanges()):
             for word in split_words(exchange.question) + split_words(exchange.answer):
                 labels.setdefault(turn_key(word.key, turn), turn_key(word.text, turn))
+    choice = capture_choice(args, args.model)
     model, processor = load_model(args.model, base=args.base)
-    maps = record_word_maps(model, processor, record, list(labels), size=size)
+    maps = record_word_maps(model, processor, record, list(labels), size=size, side=choice["text"] or side,
+                            layers=choice["layers"], query_rows=choice["query_rows"])
     return "VLM", {labels[key]: maps[key] for key in labels if key in maps}
 
 
@@ -73,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", default=None, help="folder image paths are relative to")
     parser.add_argument("--model", default=None, help="a VLM folder (model or adapter): adds its per-word attention")
     parser.add_argument("--base", default=None, help="the base model folder of an adapter given as --model")
+    add_capture_arguments(parser)
 
 
 def find_image(args: argparse.Namespace, record_id: str):

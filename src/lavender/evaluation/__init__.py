@@ -7,6 +7,7 @@
 * :mod:`~lavender.evaluation.runner`: one batch: images, answers, scores, per-record failures;
 * :mod:`~lavender.evaluation.report`: ``predictions.jsonl`` (resumable) and ``metrics.json``;
 * :mod:`~lavender.evaluation.attention`: the VLM's per-word maps against teacher maps and masks;
+* :mod:`~lavender.evaluation.capture_options`: ``--att-*``: which attention a word's map is made of;
 * :mod:`~lavender.evaluation.compare`: two runs, paired bootstrap intervals;
 * :mod:`~lavender.evaluation.command`: ``lavender eval``.
 """

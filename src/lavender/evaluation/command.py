@@ -17,7 +17,7 @@ from typing import Any
 
 from lavender.evaluation.report import PREDICTIONS
 from lavender.evaluation.scoring import SCORERS
-from lavender.training.config import QUERY_ROWS, TEXT_SIDES
+from lavender.evaluation.capture_options import add_capture_arguments, capture_choice
 
 SETTINGS = "eval_settings.json"
 
@@ -34,13 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruction", help="appended to open-ended questions, e.g. 'Answer the question using a single word or phrase.'")
     parser.add_argument("--targets", help="teacher target store: adds attention metrics against its maps")
     parser.add_argument("--map-size", type=int, default=32, help="side of the VLM maps when there is no target store")
-    parser.add_argument("--att-layers", type=int, nargs="+", help="captured layers (default: the training run's att_layers, else the architecture's)")
-    parser.add_argument("--att-rows", choices=QUERY_ROWS,
-                        help="whose attention a word's map is: its own tokens' rows or the rows predicting them "
-                             "(default: the training run's att_rows, else word)")
-    parser.add_argument("--att-text", choices=TEXT_SIDES,
-                        help="whose words' attention is measured (default: the training run's att_text, else the "
-                             "target store's text)")
+    add_capture_arguments(parser)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two evaluation output folders")
@@ -88,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     if measure_attention:
         from lavender.evaluation.attention import evaluate_attention
 
-        trained = _trained_settings(Path(args.model))
         metrics["attention"] = evaluate_attention(
             model,
             processor,
@@ -96,9 +89,7 @@ def run(args: argparse.Namespace) -> int:
             root=_data_root(args),
             targets=args.targets,
             model_dir=args.model,
-            layers=args.att_layers or trained.get("att_layers"),
-            query_rows=args.att_rows or trained.get("att_rows") or "word",
-            text=args.att_text or trained.get("att_text"),
+            **capture_choice(args, args.model),
             size=args.map_size,
             batch_size=args.batch_size,
             output=output,
@@ -171,14 +162,4 @@ def _data_root(args: argparse.Namespace) -> Path:
         return Path(args.image_root)
     data = Path(args.data)
     return data if data.is_dir() else data.parent
-
-
-def _trained_settings(model_dir: Path) -> dict[str, Any]:
-    """How the model was aligned: the run's ``lavender_train.yaml``, empty if there is none."""
-    config = model_dir / "lavender_train.yaml"
-    if not config.is_file():
-        return {}
-    import yaml
-
-    return yaml.safe_load(config.read_text()) or {}
 
