@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lavender.training.config import QUERY_ROWS, TEXT_SIDES
+from lavender.training.config import QUERY_ROWS, TEXT_SIDES, alignment_capture
 
 
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,16 +27,16 @@ def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
 
 def capture_choice(args: argparse.Namespace, model_dir: str | Path) -> dict[str, Any]:
     """The ``--att-*`` options as ``layers``, ``query_rows`` and ``text``, each unset one taken from
-    the model's ``lavender_train.yaml`` (how it was aligned), so that its maps are the aligned ones."""
-    trained = trained_settings(Path(model_dir))
-    return {"layers": args.att_layers or trained.get("att_layers"),
-            "query_rows": args.att_rows or trained.get("att_rows") or "word",
-            "text": args.att_text or trained.get("att_text")}
+    how the model was aligned, so that its maps are the aligned ones."""
+    aligned = _aligned_on(Path(model_dir))
+    return {"layers": args.att_layers or aligned.get("att_layers"),
+            "query_rows": args.att_rows or aligned.get("att_rows") or "word",
+            "text": args.att_text or aligned.get("att_text")}
 
 
-def trained_settings(model_dir: Path) -> dict[str, Any]:
-    """How the model was aligned: the run's ``lavender_train.yaml``, empty if there is none."""
+def _aligned_on(model_dir: Path) -> dict[str, Any]:
+    """The capture keys of the ``lavender train`` run that wrote ``model_dir``; empty for any other model."""
     config = model_dir / "lavender_train.yaml"
     if not config.is_file():
         return {}
-    return yaml.safe_load(config.read_text()) or {}
+    return alignment_capture(yaml.safe_load(config.read_text()) or {})

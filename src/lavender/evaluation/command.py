@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lavender.evaluation.capture_options import add_capture_arguments, capture_choice
 from lavender.evaluation.report import PREDICTIONS
 from lavender.evaluation.scoring import SCORERS
-from lavender.evaluation.capture_options import add_capture_arguments, capture_choice
 
 SETTINGS = "eval_settings.json"
 
@@ -162,4 +162,3 @@ def _data_root(args: argparse.Namespace) -> Path:
         return Path(args.image_root)
     data = Path(args.data)
     return data if data.is_dir() else data.parent
-

@@ -289,6 +289,15 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
     return TrainConfig(lavender=lavender, training=training, source=dict(keys))
 
 
+def alignment_capture(source: dict[str, Any]) -> dict[str, Any]:
+    """``att_layers``, ``att_rows`` and ``att_text`` as a run aligned on them: its recorded keys
+    (``lavender_train.yaml``, written as given) converted like the run's own, defaults where silent."""
+    types_ = _field_types(LavenderArguments)
+    defaults = {f.name: f.default for f in dataclasses.fields(LavenderArguments)}
+    return {key: _coerce(key, source[key], types_[key]) if key in source else defaults[key]
+            for key in ("att_layers", "att_rows", "att_text")}
+
+
 def _check_lavender(args: LavenderArguments) -> None:
     """Problems visible from the keys alone; the model- and store-dependent checks run in setup."""
     from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
