@@ -254,6 +254,10 @@ def test_show_draws_the_rows_and_layers_a_model_was_aligned_on(llava, data_and_s
         assert set(maps) == set(reference)
         for word in maps:
             np.testing.assert_allclose(maps[word], reference[word], atol=1e-6)
+    # without a VLM there is nothing for them to choose: an error, not a figure that ignores them
+    teacher_only = parser.parse_args(["--targets", str(store), "--data", str(data), "--id", "1", "--att-rows", "word",
+                                      "--output", str(tmp_path / "teacher.png")])
+    assert show.run(teacher_only) == 1 and not (tmp_path / "teacher.png").exists()
 
 
 def test_a_saved_alignment_head_adds_head_maps(llava, data_and_store, tmp_path):

@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         print(f"lavender show: error: give at least one of {', '.join('--' + name for name in SOURCES)}")
         return 1
+    capture = [f"--{name.replace('_', '-')}" for name in ("att_layers", "att_rows", "att_text") if getattr(args, name)]
+    if capture and not args.model:
+        print(f"lavender show: error: {', '.join(capture)} choose the VLM's maps; give --model")
+        return 1
     try:
         image = find_image(args, args.id)
         rows = dict(SOURCES[name](args, args.id) for name in chosen)
