@@ -44,6 +44,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 WEIGHTS = Path(__file__).parent / "weights"  # WEIGHTS/<world>/{dm,llava,mllama}: each world's models
 # sft: λ = 0; the others align to a store: the teacher's, the masks', and two controls (another
@@ -626,14 +627,11 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
     return store
 
 
-def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
-               att_weight: float, target_power: float, seed: int) -> Path:
-    from lavender.training.config import build_config
-    from lavender.training.setup import train
-
-    if (output / "config.json").is_file():
-        return output
-    keys = {
+def fine_tune_keys(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
+                   att_weight: float, target_power: float, seed: int) -> dict[str, Any]:
+    """The ``lavender train`` keys of one arm's fine-tune (``benchmarks/bench_train_step.py`` times
+    the same recipe)."""
+    return {
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
@@ -646,7 +644,15 @@ def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: D
         "seed": seed, "data_seed": seed, "save_strategy": "no", "att_every_n_steps": 0,
         "logging_steps": max(1, settings.steps // 10), "disable_tqdm": True, "use_cpu": True,
     }
-    train(build_config(keys))
+
+
+def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
+               att_weight: float, target_power: float, seed: int) -> Path:
+    from lavender.training.config import build_config
+    from lavender.training.setup import train
+
+    if not (output / "config.json").is_file():
+        train(build_config(fine_tune_keys(model, data, targets, output, settings, att_weight, target_power, seed)))
     return output
 
 
