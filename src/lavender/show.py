@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from lavender.evaluation.capture_options import add_capture_arguments, capture_choice
+from lavender.evaluation.capture_options import add_capture_arguments, capture_choice, capture_options_given
 
 
 def word_labels(words: list[dict]) -> dict[str, str]:
@@ -50,8 +50,7 @@ def vlm_maps(args: argparse.Namespace, record_id: str) -> tuple[str, dict[str, n
         from lavender.teacher.store import open_store
 
         store = open_store(args.targets)
-        size, labels = store.resolution, word_labels(store.words(record_id))
-        side = store.metadata.get("settings", {}).get("text", side)
+        size, labels, side = store.resolution, word_labels(store.words(record_id)), store.text
     else:
         for turn, exchange in enumerate(record.exchanges()):
             for word in split_words(exchange.question) + split_words(exchange.answer):
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if not chosen:
         print(f"lavender show: error: give at least one of {', '.join('--' + name for name in SOURCES)}")
         return 1
-    capture = [f"--{name.replace('_', '-')}" for name in ("att_layers", "att_rows", "att_text") if getattr(args, name)]
+    capture = capture_options_given(args)
     if capture and not args.model:
         print(f"lavender show: error: {', '.join(capture)} choose the VLM's maps; give --model")
         return 1

@@ -259,7 +259,7 @@ def evaluate_attention(
 
         store = open_store(targets)
         size = store.resolution
-        side = store.metadata.get("settings", {}).get("text", "both")
+        side = store.text
     side = text or side
     failed: list[dict[str, str]] = []
     masks: dict[str, dict[str, np.ndarray]] = {}

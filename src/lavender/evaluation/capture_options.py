@@ -25,6 +25,11 @@ def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
                              "target store's text)")
 
 
+def capture_options_given(args: argparse.Namespace) -> list[str]:
+    """The ``--att-*`` options given on the command line, as written there."""
+    return [f"--{name.replace('_', '-')}" for name in ("att_layers", "att_rows", "att_text") if getattr(args, name)]
+
+
 def capture_choice(args: argparse.Namespace, model_dir: str | Path) -> dict[str, Any]:
     """The ``--att-*`` options as ``layers``, ``query_rows`` and ``text``, each unset one taken from
     how the model was aligned, so that its maps are the aligned ones."""

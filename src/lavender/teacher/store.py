@@ -217,6 +217,11 @@ class TargetStore:
         return int(self.metadata["settings"]["resolution"])
 
     @property
+    def text(self) -> str:
+        """Whose words the maps are of: question, answer or both (a store that does not say: both)."""
+        return self.metadata.get("settings", {}).get("text", "both")
+
+    @property
     def complete(self) -> bool:
         """Whether every shard of the manifest has been written."""
         count, size = self.metadata["records"]["count"], self.metadata["shard_size"]

@@ -39,15 +39,13 @@ def open_targets(config: TrainConfig):
             f"the targets in {args.targets_dir} are {store.resolution}×{store.resolution} maps but att_resolution is "
             f"{args.att_resolution}; re-run `lavender targets --resolution {args.att_resolution}` or drop att_resolution"
         )
-    stored_side = store.metadata.get("settings", {}).get("text")
     wanted = {"question", "answer"} if args.att_text == "both" else {args.att_text}
-    if stored_side is not None:
-        have = {"question", "answer"} if stored_side == "both" else {stored_side}
-        if not wanted <= have:
-            raise ConfigError(
-                f"att_text is {args.att_text!r} but the targets in {args.targets_dir} were made from the "
-                f"{stored_side!r} text; set att_text: {stored_side} or re-run `lavender targets --text {args.att_text}`"
-            )
+    have = {"question", "answer"} if store.text == "both" else {store.text}
+    if not wanted <= have:
+        raise ConfigError(
+            f"att_text is {args.att_text!r} but the targets in {args.targets_dir} were made from the "
+            f"{store.text!r} text; set att_text: {store.text} or re-run `lavender targets --text {args.att_text}`"
+        )
     return store
 
 
