@@ -9,6 +9,7 @@ other jobs. The first ``--warmup`` steps are dropped (first-call costs).
 
     python benchmarks/bench_train_step.py --data DATA.jsonl --targets STORE --arch llava --steps 40 [--preset shapes]
     python benchmarks/bench_train_step.py ... --profile 25     # cProfile: the top functions by own time
+    python benchmarks/bench_train_step.py ... --set cache_vision_features=false   # a key changed, for a ratio
 
 ``DATA.jsonl`` and ``STORE`` are what a demo run leaves in ``OUTPUT/data/sft.jsonl`` and
 ``OUTPUT/targets/sft`` (or ``targets/oracle``).
@@ -38,9 +39,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile", type=int, default=0, help="print the N functions with the most own time")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="lavender train keys to change in the recipe (values read as YAML)")
     args = parser.parse_args()
 
     import torch
+    import yaml
     from transformers import TrainerCallback
 
     from lavender.training.config import build_config
@@ -71,7 +75,8 @@ def main() -> None:
         weights = args.weights or WEIGHTS / settings.world / args.arch
         keys = {**fine_tune_keys(weights, args.data, args.targets, Path(output), settings, settings.att_weight,
                                  settings.target_power, seed=0),
-                "max_steps": args.steps, "logging_steps": max(1, args.steps // 10), "report_to": "none"}
+                "max_steps": args.steps, "logging_steps": max(1, args.steps // 10), "report_to": "none",
+                **{key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}}
         start = time.process_time()
         if args.profile:
             import cProfile
@@ -86,7 +91,7 @@ def main() -> None:
         total = time.process_time() - start
     steps = [b - a for a, b in zip(marks, marks[1:])][args.warmup:]
     print(json.dumps({
-        "arch": args.arch, "preset": args.preset, "weights": str(weights), "steps_timed": len(steps),
+        "arch": args.arch, "preset": args.preset, "weights": str(weights), "set": args.set, "steps_timed": len(steps),
         "step_cpu_s_median": round(statistics.median(steps), 4), "step_cpu_s_mean": round(statistics.mean(steps), 4),
         "train_cpu_s_total": round(total, 2), "torch": torch.__version__,
     }))

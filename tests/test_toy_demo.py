@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +19,7 @@ from lavender.cli import build_parser
 from lavender.teacher.store import open_store
 from lavender.toy.demo import (
     ARMS,
+    KERNELS,
     PRESETS,
     SHAPES,
     WEIGHTS,
@@ -174,8 +176,11 @@ def binding_world(tmp_path_factory):
     return folder
 
 
-def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tmp_path):
-    """The default preset at smoke size: its world, its VLM, the caption teacher and each arm's recipe."""
+def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tmp_path, monkeypatch):
+    """The default preset at smoke size: its world, its VLM, the caption teacher, each arm's recipe
+    and the kernels it pins (a value the user set wins)."""
+    environment = {name: value for name, value in os.environ.items() if name not in KERNELS}
+    monkeypatch.setattr(os, "environ", {**environment, "MKL_CBWR": "COMPATIBLE"})
     output = tmp_path / "demo"
     assert _lavender("demo", "--quick", "--weights", str(weights), "--world", str(binding_world), "--output",
                      str(output), "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "1") == 0
@@ -188,10 +193,13 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
     for arm in ARMS:
         keys = yaml.safe_load((output / "train" / "mllama" / arm / "seed0" / "lavender_train.yaml").read_text())
         assert keys["freeze_vision"] is True and keys["aligner"] == "none" and keys["att_text"] == "answer"
+        assert keys["cache_vision_features"] is True
         assert keys["learning_rate"] == binding.learning_rate and keys["att_weight"] == (arm != "sft") * 10.0
         # the teacher's maps (and the random control's, the teacher's of another record) sharpened; masks not
         assert keys["att_target_power"] == (binding.target_power if arm in ("lavender", "random") else 1.0)
     assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert results["machine"]["environment"] == {**KERNELS, "MKL_CBWR": "COMPATIBLE"}
 
 
 @pytest.fixture

@@ -84,6 +84,9 @@ class LavenderArguments:
     # full fine-tuning: the vision tower keeps its pretrained weights (LLaVA's second stage); the
     # attention loss then moves where the language model looks, not what the image features say
     freeze_vision: bool = False
+    # a frozen tower's output for each image, kept from its first pass on: faster epochs after the
+    # first, exact, in memory (lavender/training/tower_cache.py says which towers and how much)
+    cache_vision_features: bool = False
 
     # data
     train_file: str | None = None
@@ -343,6 +346,11 @@ def _check_lavender(args: LavenderArguments) -> None:
         raise ConfigError(f"att_layers must be layer indices >= 0 (e.g. 0,1), got {args.att_layers!r}")
     if args.freeze_vision and args.use_peft and args.lora_vision:
         raise ConfigError("freeze_vision and lora_vision contradict each other: drop one")
+    if args.cache_vision_features and not (args.freeze_vision or args.use_peft and not args.lora_vision):
+        raise ConfigError(
+            "cache_vision_features needs a frozen vision tower: set freeze_vision (full fine-tuning) "
+            "or use_peft without lora_vision"
+        )
 
 
 # TrainingArguments keys whose range TrainingArguments itself does not check

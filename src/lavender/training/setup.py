@@ -142,6 +142,7 @@ def build_trainer(config: TrainConfig):
     if args.use_peft:
         model = _with_lora(model, config)
         head.requires_grad_(True)
+    tower_caches = _cache_vision_towers(model, config) if args.cache_vision_features else []
 
     try:
         # a record with unusable fields is skipped with its reason when met, like an unreadable image
@@ -181,6 +182,7 @@ def build_trainer(config: TrainConfig):
         aligner_warmup_steps=args.aligner_warmup_steps,
         aligner_warmup=args.aligner_warmup,
         att_every_n_steps=args.att_every_n_steps,
+        tower_caches=tower_caches,
     )
 
 
@@ -260,6 +262,19 @@ def _freeze_vision_tower(model, config: TrainConfig) -> None:
         tower.requires_grad_(False)
 
 
+def _cache_vision_towers(model, config: TrainConfig) -> list:
+    from lavender.training.tower_cache import cache_vision_towers
+
+    if config.training.fsdp or config.training.deepspeed:
+        # a rank whose images are all cached would skip the tower's forward, and with it the
+        # parameter gathers of a sharded tower that the other ranks wait on
+        raise ConfigError("cache_vision_features cannot run with FSDP or DeepSpeed (sharded towers): drop one")
+    try:
+        return cache_vision_towers(model, VISION_TOWERS)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _with_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -311,6 +326,9 @@ def train(config: TrainConfig) -> Path:
         write_atomic(output / "lavender_train.yaml", yaml.safe_dump(config.source, sort_keys=True))
     trainer.train(resume_from_checkpoint=resume)
     trainer.capture.close()  # the saved config names the model's own attention, not the capture's
+    for cache in trainer.tower_caches:
+        logger.info("cache_vision_features: %d image rows computed, %d served from the cache", cache.misses, cache.hits)
+        cache.close()
 
     if config.lavender.use_peft and config.lavender.save_merged:
         from lavender.training.trainer import save_head

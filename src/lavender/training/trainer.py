@@ -108,6 +108,7 @@ class LavenderTrainer(Trainer):
         aligner_warmup_steps: int = 0,
         aligner_warmup: str = "aligner",
         att_every_n_steps: int = 0,
+        tower_caches: list = (),
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -121,6 +122,7 @@ class LavenderTrainer(Trainer):
         self.aligner_warmup_steps = aligner_warmup_steps
         self.aligner_warmup = aligner_warmup
         self.att_every_n_steps = att_every_n_steps
+        self.tower_caches = tower_caches  # lavender.training.tower_cache: closed by setup.train
         self._words_in_batch: torch.Tensor | None = None
         self._request: _AlignmentRequest | None = None
         self._aligned: _Aligned | None = None
