@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
+from lavender.evaluation.capture_options import capture_choice
 from lavender.tiny.vlm import save_tiny_vlm
-from lavender.training.config import ConfigError, build_config
+from lavender.training.config import RUN_CONFIG_FILE, ConfigError, build_config
 from lavender.training.setup import build_trainer, train
 from lavender.training.trainer import HEAD_FILE, load_head
 from training_fixtures import run_keys, train_logs, write_records, write_targets
@@ -82,6 +85,18 @@ def test_merged_lora_loads_with_plain_transformers_and_matches_the_adapter(world
         merged_logits, adapted_logits, base_logits = (m(input_ids=ids).logits for m in (merged, adapted, base))
     torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(merged_logits, base_logits)  # training changed something
+
+
+def test_every_model_a_run_saves_says_how_it_was_aligned(world, llava):
+    """The adapter of a merged run and each checkpoint carry the run's keys, so `lavender eval` and
+    `lavender show` capture a model taken from them on the rows and layers it was aligned on."""
+    output = train(build_config(_keys(world, llava, "everywhere", max_steps=2, save_merged=True, att_rows="predicting",
+                                      att_layers=[1], save_strategy="steps", save_steps=1)))
+    folders = [output, output / "adapter", output / "checkpoint-1", output / "checkpoint-2"]
+    given = argparse.Namespace(att_layers=None, att_rows=None, att_text=None)
+    for folder in folders:
+        assert yaml.safe_load((folder / RUN_CONFIG_FILE).read_text())["output_dir"] == str(output)
+        assert capture_choice(given, folder) == {"layers": [1], "query_rows": "predicting", "text": "answer"}
 
 
 def test_full_finetuning_saves_a_plain_model_without_the_head(world, mllama):

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from lavender.training.config import QUERY_ROWS, TEXT_SIDES, alignment_capture
+from lavender.training.config import QUERY_ROWS, RUN_CONFIG_FILE, TEXT_SIDES, alignment_capture
 
 
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def capture_choice(args: argparse.Namespace, model_dir: str | Path) -> dict[str,
 
 def _aligned_on(model_dir: Path) -> dict[str, Any]:
     """The capture keys of the ``lavender train`` run that wrote ``model_dir``; empty for any other model."""
-    config = model_dir / "lavender_train.yaml"
+    config = model_dir / RUN_CONFIG_FILE
     if not config.is_file():
         return {}
     return alignment_capture(yaml.safe_load(config.read_text()) or {})

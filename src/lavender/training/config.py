@@ -38,6 +38,7 @@ VISION_TOWERS = ("vision_model", "vision_tower", "visual", "vpm")
 # the base model itself)
 LANGUAGE_MODELS = ("language_model", "text_model", "llm", r"model\.layers", r"model\.gated_cross_attn_layers")
 _NAME_LIST = re.compile(r"\w+(\s*,\s*\w+)*")
+RUN_CONFIG_FILE = "lavender_train.yaml"  # a run's keys as given, beside every model it saves
 
 # TrainingArguments defaults replaced by the paper's (or by what this trainer needs).
 TRAINING_DEFAULTS: dict[str, Any] = {

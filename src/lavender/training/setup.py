@@ -183,6 +183,7 @@ def build_trainer(config: TrainConfig):
         aligner_warmup=args.aligner_warmup,
         att_every_n_steps=args.att_every_n_steps,
         tower_caches=tower_caches,
+        run_config=config.source,
     )
 
 
@@ -307,11 +308,10 @@ def train(config: TrainConfig) -> Path:
 
     The folder is what ``lavender eval`` takes: with LoRA, the adapter (loads with transformers +
     peft) or, with ``save_merged``, merged weights (plain transformers) and the adapter in
-    ``adapter/``; the processor; ``lavender_head.safetensors`` (the aligner); ``lavender_train.yaml``.
+    ``adapter/``; the processor; ``lavender_head.safetensors`` (the aligner); ``lavender_train.yaml``
+    (the run's keys; in ``adapter/`` and every ``checkpoint-N`` too).
     """
-    import yaml
-
-    from lavender.files import write_atomic
+    from lavender.training.trainer import save_run_config
 
     trainer = build_trainer(config)
     output = Path(config.training.output_dir)
@@ -321,9 +321,9 @@ def train(config: TrainConfig) -> Path:
         if resume is None:
             raise ConfigError(f"resume_from_checkpoint: {output} holds no complete checkpoint-N folder to resume from")
         resume = str(resume)
-    if trainer.args.should_save:
+    if trainer.args.should_save:  # before the first step: a run that stops early still says what it ran
         output.mkdir(parents=True, exist_ok=True)
-        write_atomic(output / "lavender_train.yaml", yaml.safe_dump(config.source, sort_keys=True))
+        save_run_config(config.source, output)
     trainer.train(resume_from_checkpoint=resume)
     trainer.capture.close()  # the saved config names the model's own attention, not the capture's
     for cache in trainer.tower_caches:

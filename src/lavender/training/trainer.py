@@ -41,6 +41,7 @@ from lavender.alignment import (
     word_maps,
 )
 from lavender.files import file_stem, write_atomic
+from lavender.training.config import RUN_CONFIG_FILE
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
 
 HEAD_NAME = "lavender_head"
@@ -79,6 +80,12 @@ def save_head(head: AlignmentHead, directory: str | os.PathLike) -> Path:
     return write_atomic(Path(directory) / HEAD_FILE, save(state, metadata=head.describe()))
 
 
+def save_run_config(keys: dict[str, Any], directory: str | os.PathLike) -> Path:
+    import yaml
+
+    return write_atomic(Path(directory) / RUN_CONFIG_FILE, yaml.safe_dump(keys, sort_keys=True))
+
+
 def load_head(directory: str | os.PathLike) -> AlignmentHead:
     """The trained alignment head saved next to a model (``lavender_head.safetensors``)."""
     from safetensors import safe_open
@@ -109,6 +116,7 @@ class LavenderTrainer(Trainer):
         aligner_warmup: str = "aligner",
         att_every_n_steps: int = 0,
         tower_caches: list = (),
+        run_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -123,6 +131,7 @@ class LavenderTrainer(Trainer):
         self.aligner_warmup = aligner_warmup
         self.att_every_n_steps = att_every_n_steps
         self.tower_caches = tower_caches  # lavender.training.tower_cache: closed by setup.train
+        self.run_config = run_config  # saved beside every model, checkpoints and adapter/ included
         self._words_in_batch: torch.Tensor | None = None
         self._request: _AlignmentRequest | None = None
         self._aligned: _Aligned | None = None
@@ -374,6 +383,8 @@ class LavenderTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             save_head(self.head, output_dir)
+            if self.run_config is not None:
+                save_run_config(self.run_config, output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
