@@ -59,11 +59,12 @@ TRAIN_SPLIT = "train"  # the first eval_size SFT records: what each arm fits
 # thread count through the order of float reductions, so the same settings give the same numbers
 # on any core count (and in any --jobs); parallelism comes from running runs side by side.
 THREADS = 1
-# ... and the same kernels on any x86-64 CPU: MKL (matrix products) and ATen (softmax, norms) choose
+# ... and the same kernels on x86-64 CPUs: MKL (matrix products) and ATen (softmax, norms) choose
 # their instruction set by CPU (AVX-512 on one, AVX2 on another) and round differently, which 1 000
 # steps turn into different runs (2.4 points on Lavender − SFT between a Xeon and an EPYC:
-# docs/toy.md). AVX2 is on every x86-64 CPU of the last decade and no slower here (BENCHMARKS.md).
-# Set in the environment, so that the worker processes start with them; a value already set wins.
+# docs/toy.md). Pinned to AVX2 (no slower here: BENCHMARKS.md) only where /proc/cpuinfo lists it,
+# since ATen would run AVX2 code on a CPU without it. Set in the environment, which the worker
+# processes start with (and this one, if torch has not computed yet); a value already set wins.
 KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 DERANGEMENT_SEED = 0  # which other record lends its maps in the random arm
 # Student t quantiles (two-sided 95 %) by degrees of freedom, for intervals over a few seeds.
@@ -78,8 +79,9 @@ class DemoSettings:
     # the toy LLaVA's oracle does not break this world's shortcut (docs/toy.md, "Why LLaVA's oracle
     # does not break the shortcut"), and both VLMs' runs do not fit 15 minutes; --arch llava mllama
     archs: tuple[str, ...] = ("mllama",)
-    # three seeds' verdict moved by up to 4 points with nothing but the CPU's rounding changed
-    # (docs/toy.md, "Across machines"); five fit the 15 minutes since the tower's features are cached
+    # three seeds' verdict moved by up to 3.3 points with nothing but the CPU's rounding changed
+    # (docs/toy.md, "Across machines"); five took 10 minutes on a 2-core EPYC once the tower's
+    # features were cached
     seeds: int = 5
     sft_size: int = 400  # the world's sft split: the shortcut holds in every record
     eval_size: int = 300
@@ -301,7 +303,7 @@ def run_demo(settings: DemoSettings, models: dict[str, Path], output: Path, worl
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     _claim_output(output, settings, models)
-    if platform.machine().lower() in ("x86_64", "amd64"):
+    if "avx2" in (_cpuinfo("flags") or "").split():
         for name, value in KERNELS.items():
             os.environ.setdefault(name, value)
     start = time.time()
@@ -883,13 +885,18 @@ def machine() -> dict:
     """What the numbers were computed on: they reproduce exactly with the same kernels (``KERNELS``)."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):  # Linux names the model
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "torch": torch.__version__, "kernels": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": _cpuinfo("model name") or platform.processor() or platform.machine(), "torch": torch.__version__,
+            "kernels": torch.backends.cpu.get_cpu_capability(),
             "environment": {name: os.environ.get(name) for name in KERNELS}}
+
+
+def _cpuinfo(field: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo ("model name", "flags"); None where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
+    return None
 
 
 def _cell(entry: dict | None) -> str:

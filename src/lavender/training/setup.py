@@ -12,8 +12,12 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lavender.training.config import VISION_TOWERS, ConfigError, TrainConfig, lora_target_regex
+
+if TYPE_CHECKING:
+    from lavender.training.tower_cache import TowerCache
 
 logger = logging.getLogger(__name__)
 
@@ -253,23 +257,31 @@ def latest_complete_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def _freeze_vision_tower(model, config: TrainConfig) -> None:
+    from lavender.training.tower_cache import vision_towers
+
     args = config.lavender
-    towers = [module for name, module in model.named_modules() if name.split(".")[-1] in VISION_TOWERS]
+    towers = vision_towers(model, VISION_TOWERS)
     if not towers:
         raise ConfigError(
             f"freeze_vision: {args.model_name_or_path} has no vision tower named one of {', '.join(VISION_TOWERS)}"
         )
-    for tower in towers:
+    for _, tower in towers:
         tower.requires_grad_(False)
 
 
-def _cache_vision_towers(model, config: TrainConfig) -> list:
+def _cache_vision_towers(model, config: TrainConfig) -> list[TowerCache]:
     from lavender.training.tower_cache import cache_vision_towers
 
-    if config.training.fsdp or config.training.deepspeed:
+    training = config.training
+    if training.fsdp or training.deepspeed:
         # a rank whose images are all cached would skip the tower's forward, and with it the
         # parameter gathers of a sharded tower that the other ranks wait on
         raise ConfigError("cache_vision_features cannot run with FSDP or DeepSpeed (sharded towers): drop one")
+    if training.n_gpu > 1:  # DataParallel's replicas would call the cache of the tower on the first GPU
+        raise ConfigError(
+            "cache_vision_features cannot run with several GPUs in one process (DataParallel): "
+            "launch one process per GPU (accelerate launch, torchrun) or drop it"
+        )
     try:
         return cache_vision_towers(model, VISION_TOWERS)
     except ValueError as error:

@@ -23,6 +23,7 @@ checkpoints and resume, and the ``report_to`` loggers. What this class adds:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from lavender.alignment import (
 from lavender.files import file_stem, write_atomic
 from lavender.training.config import RUN_CONFIG_FILE
 from lavender.training.data import BATCH_KEYS, COUNT_NAMES, COUNTS_KEY, EXAMPLES_KEY, Example
+from lavender.training.tower_cache import TowerCache
 
 HEAD_NAME = "lavender_head"
 HEAD_FILE = "lavender_head.safetensors"
@@ -115,7 +117,7 @@ class LavenderTrainer(Trainer):
         aligner_warmup_steps: int = 0,
         aligner_warmup: str = "aligner",
         att_every_n_steps: int = 0,
-        tower_caches: list = (),
+        tower_caches: Sequence[TowerCache] = (),
         run_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
