@@ -86,7 +86,7 @@ class LavenderArguments:
     # attention loss then moves where the language model looks, not what the image features say
     freeze_vision: bool = False
     # a frozen tower's output for each image, kept from its first pass on: faster epochs after the
-    # first, exact, in memory (lavender/training/tower_cache.py says which towers and how much)
+    # first, the tower's own outputs, in memory (lavender/training/tower_cache.py: which towers, how much)
     cache_vision_features: bool = False
 
     # data
