@@ -76,7 +76,7 @@ def main() -> None:
         settings = PRESETS[args.preset]
         weights = args.weights or WEIGHTS / settings.world / args.arch
         keys = {**fine_tune_keys(weights, args.data, args.targets, Path(output), settings, settings.att_weight,
-                                 settings.target_power, seed=0),
+                                 teacher_maps=True, seed=0),
                 "max_steps": args.steps, "logging_steps": max(1, args.steps // 10), "report_to": "none",
                 **{key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}}
         start = time.process_time()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ def _train_and_evaluate(run: Path, arch: str, arm: str, store: Path, settings: D
     stores = {split: run / "targets" / split for split in settings.eval_splits}
     name = f"{arch}/{arm}/seed{seed}"
     trained = _fine_tune(Path(models[arch]), data["sft"], store, run / "train" / name, settings,
-                         settings.att_weight, settings.target_power, seed)
+                         settings.att_weight, True, seed)
     return _evaluate(trained, data, stores, run / "eval" / name, settings)
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     as_recorded = {f.name: recorded[f.name] for f in fields(DemoSettings) if f.name in recorded}
     settings = DemoSettings(**{name: tuple(value) if isinstance(value, list) else value
                                for name, value in as_recorded.items()})
+    settings = replace(settings, confident_fraction=1.0)  # the split is this diagnostic's own filter
     split = settings.eval_splits[0]
     hits = pointing_records(args.run / "targets" / "sft", args.run / "data" / "sft.jsonl")
     right = {record_id for record_id, hit in hits.items() if hit}

@@ -199,6 +199,7 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
         assert keys["learning_rate"] == binding.learning_rate and keys["att_weight"] == (arm != "sft") * 10.0
         # the teacher's maps (and the random control's, the teacher's of another record) sharpened; masks not
         assert keys["att_target_power"] == (binding.target_power if arm in ("lavender", "random") else 1.0)
+        assert keys["att_confident_fraction"] == (binding.confident_fraction if arm in ("lavender", "random") else 1.0)
     assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
     pinned = "avx2" in (_cpuinfo("flags") or "").split()  # not pinned on CPUs without AVX2
     expected = {name: value if pinned else None for name, value in KERNELS.items()}

@@ -15,14 +15,16 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save
 
 from lavender.records import Record, Turn, read_records
-from lavender.teacher.store import open_store, split_turn_key
+from lavender.teacher.store import ShardRecord, open_store, prepare_store, split_turn_key, write_shard
 from lavender.tiny.vlm import build_tiny_vlm
 from lavender.training.data import (
     COUNTS_KEY,
     LavenderCollator,
     LavenderDataset,
     SampleError,
+    confident_words,
     expand_text,
+    peak_margin,
 )
 from training_fixtures import write_records, write_targets
 
@@ -138,6 +140,43 @@ def test_missing_words_are_counted_not_matched(vlm, data):
     assert "on" not in samples[0].keys
     matched, missing, skipped = batch[COUNTS_KEY].tolist()
     assert (matched, missing, skipped) == (5, 1, 0)
+
+
+def test_peak_margin_by_hand():
+    one_peak = np.zeros((8, 8))
+    one_peak[2, 3], one_peak[2, 4], one_peak[6, 6] = 1.0, 0.9, 0.25  # a neighbour does not count, a far cell does
+    assert peak_margin(one_peak) == pytest.approx(0.75)
+    two_peaks = np.zeros((8, 8))
+    two_peaks[1, 1] = two_peaks[6, 6] = 1.0
+    assert peak_margin(two_peaks) == 0.0
+    wide = np.zeros((16, 16))  # at 16×16 the neighbourhood is two cells wide
+    wide[8, 8], wide[8, 10], wide[8, 11] = 1.0, 0.8, 0.5
+    assert peak_margin(wide) == pytest.approx(0.5)
+
+
+def test_confident_words_keep_the_clearest_peaks(tmp_path):
+    clear, two_places, flat = np.zeros((4, 4, 4), dtype=np.float32)[:3]
+    clear[0, 0] = 1.0
+    two_places[0, 0], two_places[3, 3] = 1.0, 0.5
+    flat += 0.5
+    words = [{"key": "cube", "text": "cube", "turn": 0, "spans": [["answer", 0, 4]]}]
+    prepare_store(tmp_path, {"settings": {"resolution": 4, "text": "answer"}, "records": {"count": 3}, "shard_size": 3})
+    write_shard(tmp_path, 0, [(ShardRecord(id=name, image=f"{name}.png", words=words, missing=[]), word_map[None])
+                              for name, word_map in (("flat", flat), ("clear", clear), ("two", two_places))], errors=[])
+    store = open_store(tmp_path)
+    every = {(name, "cube") for name in ("flat", "clear", "two")}
+    assert confident_words(store, ["flat", "clear", "two", "unknown"], 1.0) == every
+    assert confident_words(store, ["flat", "clear", "two"], 2 / 3) == {("clear", "cube"), ("two", "cube")}
+    assert confident_words(store, ["flat", "clear", "two"], 0.3) == {("clear", "cube")}
+
+
+def test_words_left_out_by_the_confidence_filter_train_on_lm_alone(vlm, data):
+    records, store = data
+    kept = {(records[0].id, key) for key in list(store.get(records[0].id))[:2]}
+    dataset = LavenderDataset(records[:1], store, vlm[1], kept_words=kept)
+    sample = dataset[0]
+    assert sorted(sample.keys) == sorted(key for _, key in kept)
+    assert sample.words_missing == len(store.get(records[0].id)) - 2 + 1  # and "on", which has no map
 
 
 def test_record_without_targets_has_no_words(vlm, data):

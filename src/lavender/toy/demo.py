@@ -105,6 +105,10 @@ class DemoSettings:
     # aligned to them; the oracle's and inverted masks stay as they are, the reference. 4: the power
     # whose caption maps best match the oracle's masks on sft, confirmed on val
     target_power: float = 4.0
+    # the share of the teacher's maps aligned in those arms, the ones whose peak stands out most
+    # (`lavender train`'s att_confident_fraction): half of them point at the named object, and on
+    # val the confident half gains as much as the right half, the full set four points less
+    confident_fraction: float = 0.5
     layers: tuple[int, ...] | None = None  # the decoder layers aligned; None: the architecture's default
     aggregation: str | None = None  # how layers and heads become one map; None: `lavender train`'s (mean)
     # every arm keeps the vision tower as pretrained: fine-tuned, the attention loss erases its shape features
@@ -127,6 +131,7 @@ class DemoSettings:
 # settings"); 300 steps were the most that fit 15 minutes with two VLMs and five arms.
 SHAPES = DemoSettings(world="shapes", archs=("llava", "mllama"), seeds=3, sft_size=1000, steps=300,
                       learning_rate=1e-3, text="both", teacher_text=None, aligner="sim", target_power=1.0,
+                      confident_fraction=1.0,
                       freeze_vision=False, teacher_resolutions=None)
 PRESETS = {"binding": DemoSettings(), "shapes": SHAPES}
 DEFAULT_PRESET = "binding"
@@ -181,6 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the teacher's maps raised to this power before the loss in the lavender and "
                              "random arms, > 1 sharpens broad maps (lavender train's att_target_power; "
                              f"default {defaults.target_power})")
+    parser.add_argument("--att-confident-fraction", type=float, default=None,
+                        help="the share of the teacher's maps aligned in the lavender and random arms, those "
+                             "whose peak stands out most (lavender train's att_confident_fraction; "
+                             f"default {defaults.confident_fraction})")
     parser.add_argument("--att-layers", type=int, nargs="+", default=None,
                         help="decoder layers aligned (default: the architecture's: the middle half; "
                              "Mllama's cross-attention layers)")
@@ -211,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
                  "teacher_resolutions": tuple(args.teacher_resolutions) if args.teacher_resolutions else None,
                  "aligner": args.aligner,
                  "rows": args.att_rows, "normalization": args.att_normalization,
-                 "target_power": args.att_target_power, "world_seed": args.world_seed,
+                 "target_power": args.att_target_power, "confident_fraction": args.att_confident_fraction,
+                 "world_seed": args.world_seed,
                  "layers": tuple(args.att_layers) if args.att_layers else None, "aggregation": args.aggregation,
                  "freeze_vision": args.freeze_vision,
                  "arms": tuple(a for a in ARMS if a == "sft" or a in args.arms) if args.arms else None,
@@ -223,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    problem = _unknown_names(settings) or _teacher_text_problem(settings) or _target_power_problem(settings)
+    problem = _unknown_names(settings) or _teacher_text_problem(settings) or _target_problem(settings)
     if problem:
         print(f"lavender demo: {problem}")
         return 2
@@ -269,10 +279,13 @@ def _teacher_text_problem(settings: DemoSettings) -> str | None:
             f"give --teacher-text both or {settings.text}")
 
 
-def _target_power_problem(settings: DemoSettings) -> str | None:
-    if settings.target_power > 0:
-        return None
-    return f"--att-target-power must be positive, got {settings.target_power}"
+def _target_problem(settings: DemoSettings) -> str | None:
+    """What is wrong with how the teacher's maps are sharpened and filtered, as an error; None if nothing."""
+    if settings.target_power <= 0:
+        return f"--att-target-power must be positive, got {settings.target_power}"
+    if not 0 < settings.confident_fraction <= 1:
+        return f"--att-confident-fraction must be in (0, 1], got {settings.confident_fraction}"
+    return None
 
 
 def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
@@ -428,8 +441,8 @@ def _train_and_evaluate(model: Path, data: dict[str, Path], stores: dict[str, Pa
                         name: str, settings: DemoSettings, seed: int) -> dict:
     arm = name.split("/")[1]
     weight = 0.0 if arm == "sft" else settings.att_weight
-    power = settings.target_power if arm in TEACHER_ARMS else 1.0
-    trained = _fine_tune(model, data["sft"], targets, output / "train" / name, settings, weight, power, seed)
+    trained = _fine_tune(model, data["sft"], targets, output / "train" / name, settings, weight,
+                         arm in TEACHER_ARMS, seed)
     return _evaluate(trained, data, stores, output / "eval" / name, settings)
 
 
@@ -643,14 +656,16 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
 
 
 def fine_tune_keys(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
-                   att_weight: float, target_power: float, seed: int) -> dict[str, Any]:
+                   att_weight: float, teacher_maps: bool, seed: int) -> dict[str, Any]:
     """The ``lavender train`` keys of one arm's fine-tune (``benchmarks/bench_train_step.py`` times
-    the same recipe)."""
+    the same recipe); ``teacher_maps``: the arm aligns to a teacher's maps (sharpened and filtered
+    as the settings say), not to masks."""
     return {
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
-        "att_target_power": target_power,
+        "att_target_power": settings.target_power if teacher_maps else 1.0,
+        "att_confident_fraction": settings.confident_fraction if teacher_maps else 1.0,
         "att_layers": list(settings.layers) if settings.layers else None,
         **({"aggregation": settings.aggregation} if settings.aggregation else {}),
         # 400 records seen 20 times by a frozen tower: its features computed once
@@ -663,12 +678,12 @@ def fine_tune_keys(model: Path, data: Path, targets: Path, output: Path, setting
 
 
 def _fine_tune(model: Path, data: Path, targets: Path, output: Path, settings: DemoSettings,
-               att_weight: float, target_power: float, seed: int) -> Path:
+               att_weight: float, teacher_maps: bool, seed: int) -> Path:
     from lavender.training.config import build_config
     from lavender.training.setup import train
 
     if not (output / "config.json").is_file():
-        train(build_config(fine_tune_keys(model, data, targets, output, settings, att_weight, target_power, seed)))
+        train(build_config(fine_tune_keys(model, data, targets, output, settings, att_weight, teacher_maps, seed)))
     return output
 
 
@@ -928,6 +943,8 @@ def format_results(results: dict) -> str:
              f"learning rate {settings['learning_rate']}, λ = {settings['att_weight']}, text {settings['text']}, "
              + (f"teacher text {settings['teacher_text']}, " if settings.get("teacher_text") else "")
              + (f"targets to the power {settings['target_power']}, " if settings.get("target_power", 1) != 1 else "")
+             + (f"the confident {settings['confident_fraction']:.0%} of the teacher's maps, "
+                if settings.get("confident_fraction", 1) != 1 else "")
              + f"aligner {settings['aligner']}, rows {settings['rows']}, "
              + ("vision tower frozen, " if settings.get("freeze_vision") else "")
              + f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split, "

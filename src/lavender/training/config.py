@@ -110,6 +110,9 @@ class LavenderArguments:
     aligner_hidden: int = 32
     att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
     att_target_power: float = 1.0  # the teacher's maps raised to it (and normalised again); > 1 sharpens broad maps
+    # the share of the teacher's word maps aligned, those whose peak stands out most (training.data.peak_margin);
+    # the other words train on L_LM alone. A wrong map costs more than a missing one (docs/toy.md)
+    att_confident_fraction: float = 1.0
     aligner_warmup_steps: int = 0  # the first steps train on L_att in the way `aligner_warmup` says
     # aligner: L_att reaches the aligner alone (the VLM's maps detached), the VLM learns L_LM as usual;
     # alignment: L_LM is left out, L_att trains the aligner and the VLM (the authors' warm-up)
@@ -340,6 +343,8 @@ def _check_lavender(args: LavenderArguments) -> None:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if args.att_target_power <= 0:
         raise ConfigError(f"att_target_power must be positive, got {args.att_target_power}")
+    if not 0 < args.att_confident_fraction <= 1:
+        raise ConfigError(f"att_confident_fraction must be in (0, 1], got {args.att_confident_fraction}")
     for name in ("att_resolution", "att_weight_decay_steps"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(args, name)}")

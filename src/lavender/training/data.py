@@ -157,6 +157,30 @@ def render_prefix_lm(
     return prompt, [(start, len(prompt))], spans, PrefixLMCall(prefix_text(processor, question), answer, start)
 
 
+def peak_margin(word_map: np.ndarray) -> float:
+    """How far a map's highest cell stands above the highest cell outside its neighbourhood (the
+    cells within R/8 of it, at least 1): high for one clear peak, low for a map that lights two
+    places or none. On the toy teacher's answer maps it tells a map that peaks on the named object
+    from one that does not with AUROC 0.82 (docs/toy.md, "The teacher's right maps")."""
+    side = word_map.shape[-1]
+    radius = max(1, side // 8)
+    flat = np.asarray(word_map, dtype=np.float64).reshape(-1)
+    peak = int(np.argmax(flat))
+    rows, cols = np.divmod(np.arange(flat.size), side)
+    far = (np.abs(rows - peak // side) > radius) | (np.abs(cols - peak % side) > radius)
+    return float(flat[peak] - flat[far].max()) if far.any() else 0.0
+
+
+def confident_words(store, record_ids: Sequence[str], fraction: float) -> set[tuple[str, str]]:
+    """``(record id, word key)`` of the ``fraction`` of the records' word maps with the highest
+    :func:`peak_margin` (ties in record order)."""
+    scored = [(peak_margin(word_map), record_id, key)
+              for record_id in dict.fromkeys(record_ids) if record_id in store
+              for key, word_map in store.get(record_id).items()]
+    scored.sort(key=lambda entry: entry[0], reverse=True)
+    return {(record_id, key) for _, record_id, key in scored[:round(fraction * len(scored))]}
+
+
 class LavenderDataset(torch.utils.data.Dataset):
     """Records + the target store → :class:`Sample` s.
 
@@ -165,12 +189,14 @@ class LavenderDataset(torch.utils.data.Dataset):
     sample so it reaches the logs. With ``strict`` the first such record stops training.
     """
 
-    def __init__(self, records: Sequence[Record], store, processor, att_text: str = "answer", strict: bool = False):
+    def __init__(self, records: Sequence[Record], store, processor, att_text: str = "answer", strict: bool = False,
+                 kept_words: set[tuple[str, str]] | None = None):
         self.records = list(records)
         self.store = store
         self.processor = processor
         self.sides = text_sides(att_text)
         self.strict = strict
+        self.kept_words = kept_words  # (record id, word key) whose maps are aligned; None: every one
         self._known_ids = set(store.ids())
         self._warned: set[str] = set()
 
@@ -207,6 +233,8 @@ class LavenderDataset(torch.utils.data.Dataset):
         else:
             (prompt, supervised, spans), call = render(self.processor, record), None
         targets = self.store.get(record.id) if record.id in self._known_ids else {}
+        if self.kept_words is not None:
+            targets = {key: value for key, value in targets.items() if (record.id, key) in self.kept_words}
         occurrences: dict[str, list[Word]] = {}
         missing = 0
         for exchange, side, (start, end) in spans:

@@ -102,7 +102,7 @@ def build_trainer(config: TrainConfig):
     from lavender.alignment import AlignmentHead, AttentionWeight
     from lavender.records import RecordError, read_records
     from lavender.student import AttentionCapture
-    from lavender.training.data import LavenderCollator, LavenderDataset, image_token_id
+    from lavender.training.data import LavenderCollator, LavenderDataset, confident_words, image_token_id
     from lavender.training.trainer import HEAD_NAME, LavenderTrainer
 
     args, training = config.lavender, config.training
@@ -164,7 +164,13 @@ def build_trainer(config: TrainConfig):
     if without_maps:
         logger.warning("%d of %d records have no teacher maps; they train with L_LM only", without_maps, len(records))
 
-    dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict)
+    kept_words = None
+    if args.att_confident_fraction < 1:
+        kept_words = confident_words(store, [record.id for record in records], args.att_confident_fraction)
+        logger.info("att_confident_fraction %g: %d word maps aligned, those whose peak stands out most",
+                    args.att_confident_fraction, len(kept_words))
+    dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict,
+                              kept_words=kept_words)
     # parallel attention finds the image tokens in the sequence; cross-attention models (IDEFICS) name none
     image_token = image_token_id(model.config) if parallel_layers is not None else None
     collator = LavenderCollator(processor, query_rows=args.att_rows)
