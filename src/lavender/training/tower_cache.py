@@ -10,7 +10,7 @@ and a miss runs the tower on the missed rows only, so the language model sees th
 tower would have computed (up to the last bits of a matrix product of another batch size). It holds
 every output the tower returns, the hidden states the VLM asks for included,
 on the tower's device (the size of one image's entry is logged at the first pass): meant for
-datasets whose features fit in memory several times over (the toy world's: 400 images, 40 MB).
+datasets whose features fit in memory several times over (the toy world's: 400 images, 25 MB).
 
 Only towers that encode each row of their input on its own can be cached this way; towers that
 pack a batch's images into one sequence (Qwen-VL's, MiniCPM-V's) are refused.
