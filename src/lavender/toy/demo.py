@@ -131,8 +131,7 @@ class DemoSettings:
 # settings"); 300 steps were the most that fit 15 minutes with two VLMs and five arms.
 SHAPES = DemoSettings(world="shapes", archs=("llava", "mllama"), seeds=3, sft_size=1000, steps=300,
                       learning_rate=1e-3, text="both", teacher_text=None, aligner="sim", target_power=1.0,
-                      confident_fraction=1.0,
-                      freeze_vision=False, teacher_resolutions=None)
+                      confident_fraction=1.0, freeze_vision=False, teacher_resolutions=None)
 PRESETS = {"binding": DemoSettings(), "shapes": SHAPES}
 DEFAULT_PRESET = "binding"
 QUICK = {"seeds": 1, "sft_size": 48, "eval_size": 24, "steps": 6, "batch_size": 4}  # over a preset: a smoke run
@@ -985,8 +984,7 @@ def format_results(results: dict) -> str:
             a = by_split[shown]
             lines.append(f"| {arch} | {arm} | {_number(a['entropy'])} | {_number(a['pearson'])} | "
                          f"{_number(a['pointing'], True)} | {_number(a['iou'])} |")
-    lines += ["", f"Wall time: {results['wall_seconds']:.0f} s."]
-    if "machine" in results:
-        m = results["machine"]
-        lines[-1] += f" Machine: {m['cpu']}, torch {m['torch']}, {m['kernels']} kernels."
+    ran_on = results["machine"]
+    lines += ["", f"Wall time: {results['wall_seconds']:.0f} s. Machine: {ran_on['cpu']}, "
+                  f"torch {ran_on['torch']}, {ran_on['kernels']} kernels."]
     return "\n".join(lines)

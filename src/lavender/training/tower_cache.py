@@ -73,10 +73,13 @@ class TowerCache:
                 f"cache_vision_features: {type(self.tower).__name__} got inputs of different lengths "
                 f"({[tuple(t.shape) for t in tensors]}), so its rows are not images"
             )
-        keys = list(self._keys(args, kwargs, batch))
-        missed = list(dict.fromkeys(key for key in keys if key not in self.outputs))  # in order, once each
+        keys = list(self._keys(args, kwargs, batch, tensors[0].device.type))
+        first_row = {}
+        for row, key in enumerate(keys):
+            first_row.setdefault(key, row)
+        missed = [key for key in first_row if key not in self.outputs]  # in order, once each
         if missed:
-            rows = torch.tensor([keys.index(key) for key in missed], device=tensors[0].device)
+            rows = torch.tensor([first_row[key] for key in missed], device=tensors[0].device)
             with torch.no_grad():
                 computed = self._compute(*_take(args, rows), **_take(kwargs, rows))
             for index, key in enumerate(missed):
@@ -91,10 +94,9 @@ class TowerCache:
         stacked = _stack([self.outputs[key][1] for key in keys])
         return output_class(**stacked) if isinstance(stacked, dict) else stacked
 
-    def _keys(self, args: tuple, kwargs: dict, batch: int) -> Iterator[bytes]:
+    def _keys(self, args: tuple, kwargs: dict, batch: int, device: str) -> Iterator[bytes]:
         """Each row's key: its bytes in every tensor argument, the other arguments, the autocast state."""
         named = [*enumerate(args), *sorted(kwargs.items())]
-        device = next(value for _, value in named if _has_rows(value)).device.type
         common = [repr((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))]
         host = {}
         for name, value in named:
