@@ -25,8 +25,8 @@ import numpy as np
 
 from lavender.evaluation.attention import load_masks, mask_on_grid, pointing_hit
 from lavender.records import read_records
-from lavender.teacher.store import ShardRecord, finished_shards, open_store, prepare_store, write_shard
-from lavender.toy.demo import DemoSettings, _evaluate, _fine_tune, _Workers, mean_interval
+from lavender.teacher.store import ShardRecord, open_store
+from lavender.toy.demo import DemoSettings, _evaluate, _fine_tune, _Workers, mean_interval, write_derived_store
 
 SPLITS = ("right", "wrong")
 
@@ -47,22 +47,16 @@ def pointing_records(store_dir: Path, data: Path) -> dict[str, bool]:
 def write_split_store(source: Path, target: Path, keep: set[str], name: str) -> Path:
     """``source``'s maps for the records in ``keep``; the other records are listed without maps."""
     teacher = open_store(source)
-    metadata = teacher.metadata
-    prepare_store(target, {**metadata, "settings": {**metadata["settings"], "source": f"teacher maps, {name} only"},
-                           "model_fingerprint": f"{name} of {metadata.get('model_fingerprint')}"})
-    if finished_shards(target):
-        return target
-    stored = []
-    for record_id in teacher.ids():
+
+    def kept(record_id: str):
         record = teacher.record(record_id)
-        if record_id in keep:
-            maps = teacher.get(record_id)
-            stored.append((record, np.stack([maps[word["key"]] for word in record.words])))
-        else:
-            empty = np.zeros((0, teacher.resolution, teacher.resolution), dtype=np.float32)
-            stored.append((ShardRecord(record_id, record.image, [], record.missing), empty))
-    write_shard(target, 0, stored, [])
-    return target
+        if record_id not in keep:
+            return (ShardRecord(record_id, record.image, [], record.missing),
+                    np.zeros((0, teacher.resolution, teacher.resolution), dtype=np.float32))
+        maps = teacher.get(record_id)
+        return record, np.stack([maps[word["key"]] for word in record.words])
+
+    return write_derived_store(source, target, name, f"teacher maps, {name} only", teacher.ids(), kept)
 
 
 def _train_and_evaluate(run: Path, arch: str, arm: str, store: Path, settings: DemoSettings, seed: int) -> dict:

@@ -148,7 +148,7 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     assert "--teacher-text answer leaves out words --text both aligns" in capsys.readouterr().out
     for option, name in (("--att-normalization", "softmax"), ("--aggregation", "median"), ("--aligner", "mlp")):
         assert _lavender(*common, "--steps", "1", *arms, option, name) == 2
-        assert f"unknown {option} '{name}'" in capsys.readouterr().out
+        assert f"{option}: '{name}' is not one of" in capsys.readouterr().out
     # the same folder with other settings would mix two runs' models: refused before any work
     assert _lavender(*common, "--steps", "1", *arms, "--att-target-power", "0") == 2
     assert "--att-target-power must be positive" in capsys.readouterr().out
@@ -385,11 +385,14 @@ def test_workers_stop_when_the_demo_is_killed():
     import sys
 
     parent = subprocess.Popen([sys.executable, "-c", (
-        "import time\n"
+        "import os, time\n"
         "from lavender.toy.demo import _Workers\n"
         "with _Workers(2) as workers:\n"
-        "    busy = [workers.submit(time.sleep, 120) for _ in range(2)]\n"
-        "    time.sleep(3)\n"  # both workers started, one job each
+        "    started = set()\n"  # a worker that answers has run its start-up: both, however slow
+        "    while len(started) < 2:\n"
+        "        started |= {job.result() for job in [workers.submit(os.getpid) for _ in range(4)]}\n"
+        "    busy = [workers.submit(time.sleep, 120) for _ in range(2)]\n"  # an idle worker would stop anyway
+        "    time.sleep(1)\n"
         "    print('ready', flush=True)\n"
         "    time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     workers: list[int] = []

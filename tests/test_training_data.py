@@ -165,9 +165,26 @@ def test_confident_words_keep_the_clearest_peaks(tmp_path):
                               for name, word_map in (("flat", flat), ("clear", clear), ("two", two_places))], errors=[])
     store = open_store(tmp_path)
     every = {(name, "cube") for name in ("flat", "clear", "two")}
-    assert confident_words(store, ["flat", "clear", "two", "unknown"], 1.0) == every
-    assert confident_words(store, ["flat", "clear", "two"], 2 / 3) == {("clear", "cube"), ("two", "cube")}
-    assert confident_words(store, ["flat", "clear", "two"], 0.3) == {("clear", "cube")}
+    assert confident_words(store, ["flat", "clear", "two", "unknown"], 1.0, "answer") == every
+    assert confident_words(store, ["flat", "clear", "two"], 2 / 3, "answer") == {("clear", "cube"), ("two", "cube")}
+    assert confident_words(store, ["flat", "clear", "two"], 0.3, "answer") == {("clear", "cube")}
+
+
+def test_confident_words_rank_the_aligned_side_only(tmp_path):
+    # a store made with --text both holds question words too; aligning answers, their maps take no share
+    sharp, dull = np.zeros((2, 4, 4), dtype=np.float32)
+    sharp[0, 0] = 1.0
+    dull[0, 0], dull[3, 3] = 1.0, 0.9
+    words = [{"key": "what", "text": "What", "turn": 0, "spans": [["question", 0, 4]]},
+             {"key": "cube", "text": "cube", "turn": 0, "spans": [["answer", 0, 4]]}]
+    prepare_store(tmp_path, {"settings": {"resolution": 4, "text": "both"}, "records": {"count": 2}, "shard_size": 2})
+    write_shard(tmp_path, 0, [(ShardRecord(id="a", image="a.png", words=words, missing=[]), np.stack([sharp, dull])),
+                              (ShardRecord(id="b", image="b.png", words=words, missing=[]), np.stack([sharp, sharp]))],
+                errors=[])
+    store = open_store(tmp_path)
+    assert confident_words(store, ["a", "b"], 0.5, "answer") == {("b", "cube")}
+    assert confident_words(store, ["a", "b"], 0.5, "question") == {("a", "what")}
+    assert confident_words(store, ["a", "b"], 0.5, "both") == {("a", "what"), ("b", "what")}
 
 
 def test_words_left_out_by_the_confidence_filter_train_on_lm_alone(vlm, data):

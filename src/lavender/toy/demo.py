@@ -41,11 +41,12 @@ import json
 import math
 import os
 import platform
+import re
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 WEIGHTS = Path(__file__).parent / "weights"  # WEIGHTS/<world>/{dm,llava,mllama}: each world's models
 # sft: λ = 0; the others align to a store: the teacher's, the masks', and two controls (another
@@ -232,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if jobs < 1:
         print(f"lavender demo: --jobs must be at least 1, got {jobs}")
         return 2
-    problem = _unknown_names(settings) or _teacher_text_problem(settings) or _target_problem(settings)
+    problem = _train_key_problem(settings) or _teacher_text_problem(settings)
     if problem:
         print(f"lavender demo: {problem}")
         return 2
@@ -251,17 +252,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unknown_names(settings: DemoSettings) -> str | None:
-    """The first option naming no registry entry, as an error; checked before any work starts."""
-    from lavender.alignment.aggregation import AGGREGATIONS
-    from lavender.alignment.aligners import ALIGNERS
-    from lavender.alignment.loss import NORMALIZATIONS
+def _train_key_problem(settings: DemoSettings) -> str | None:
+    """`lavender train`'s own check of the Lavender arm's keys, run before any work starts; the
+    error names the demo's option (``--att-target-power``, not ``att_target_power``)."""
+    from lavender.training.config import ConfigError, LavenderArguments, check_key_values
 
-    for option, name, registry in (("--aligner", settings.aligner, ALIGNERS),
-                                   ("--aggregation", settings.aggregation, AGGREGATIONS),
-                                   ("--att-normalization", settings.normalization, NORMALIZATIONS)):
-        if name is not None and name not in registry:
-            return f"unknown {option} {name!r}; choose one of {', '.join(sorted(registry))}"
+    keys = fine_tune_keys(Path("model"), Path("sft.jsonl"), Path("targets"), Path("train"), settings,
+                          settings.att_weight, teacher_maps=True, seed=0)
+    names = {field.name for field in fields(LavenderArguments)}
+    try:
+        check_key_values(LavenderArguments(**{key: value for key, value in keys.items() if key in names}))
+    except ConfigError as error:
+        return re.sub(r"^(\w+)", lambda key: "--" + key.group(1).replace("_", "-"), str(error))
     return None
 
 
@@ -276,15 +278,6 @@ def _teacher_text_problem(settings: DemoSettings) -> str | None:
         return None
     return (f"--teacher-text {settings.teacher_text} leaves out words --text {settings.text} aligns; "
             f"give --teacher-text both or {settings.text}")
-
-
-def _target_problem(settings: DemoSettings) -> str | None:
-    """What is wrong with how the teacher's maps are sharpened and filtered, as an error; None if nothing."""
-    if settings.target_power <= 0:
-        return f"--att-target-power must be positive, got {settings.target_power}"
-    if not 0 < settings.confident_fraction <= 1:
-        return f"--att-confident-fraction must be in (0, 1], got {settings.confident_fraction}"
-    return None
 
 
 def locate_models(weights: Path, dm: Path | None, archs: tuple[str, ...]) -> dict[str, Path]:
@@ -631,26 +624,36 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
     """
     import numpy as np
 
-    from lavender.teacher.store import ShardRecord, finished_shards, open_store, prepare_store, write_shard
+    from lavender.teacher.store import open_store
 
     teacher = open_store(source)
     ids = [record_id for record_id in teacher.ids() if teacher.words(record_id)]
     if len(ids) < 2:
         raise ValueError(f"{source}: the random control needs at least two records with maps, found {len(ids)}")
-    metadata = teacher.metadata
-    prepare_store(store, {"settings": {**metadata["settings"], "source": f"another record's maps (seed {seed})"},
-                          "model_fingerprint": f"derangement of {metadata.get('model_fingerprint')}",
+    lenders = dict(zip(ids, (ids[j] for j in derangement(len(ids), seed))))
+
+    def borrowed(record_id: str):
+        own, lent = teacher.record(record_id), teacher.get(lenders[record_id])
+        lent_in_order = list(lent.values())
+        return own, np.stack([lent.get(word["key"], lent_in_order[i % len(lent_in_order)])
+                              for i, word in enumerate(own.words)])
+
+    return write_derived_store(source, store, "derangement", f"another record's maps (seed {seed})", ids, borrowed)
+
+
+def write_derived_store(source: Path, store: Path, name: str, what: str, ids: list[str], entry: Callable) -> Path:
+    """A store made from the teacher store ``source``: for each of ``ids``, ``entry(record_id)``
+    gives its ``ShardRecord`` and maps; ``name`` goes into its model fingerprint, ``what`` (what
+    the maps are) into its settings. One shard; a store already written is left as it is."""
+    from lavender.teacher.store import finished_shards, open_store, prepare_store, write_shard
+
+    metadata = open_store(source).metadata
+    prepare_store(store, {"settings": {**metadata["settings"], "source": what},
+                          "model_fingerprint": f"{name} of {metadata.get('model_fingerprint')}",
                           "layers": metadata.get("layers", []), "records": metadata["records"],
                           "shard_size": metadata["records"]["count"], "map_dtype": "float16"})
-    if finished_shards(store):
-        return store
-    stored = []
-    for record_id, lender in zip(ids, (ids[j] for j in derangement(len(ids), seed))):
-        own, lent = teacher.record(record_id), teacher.get(lender)
-        lent_in_order = list(lent.values())
-        maps = [lent.get(word["key"], lent_in_order[i % len(lent_in_order)]) for i, word in enumerate(own.words)]
-        stored.append((ShardRecord(record_id, own.image, own.words, own.missing), np.stack(maps)))
-    write_shard(store, 0, stored, [])
+    if not finished_shards(store):
+        write_shard(store, 0, [entry(record_id) for record_id in ids], [])
     return store
 
 

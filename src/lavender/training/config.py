@@ -110,7 +110,7 @@ class LavenderArguments:
     aligner_hidden: int = 32
     att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
     att_target_power: float = 1.0  # the teacher's maps raised to it (and normalised again); > 1 sharpens broad maps
-    # the share of the teacher's word maps aligned, those whose peak stands out most (training.data.peak_margin);
+    # the share of the att_text words' maps aligned, those whose peak stands out most (training.data.peak_margin);
     # the other words train on L_LM alone. A wrong map costs more than a missing one (docs/toy.md)
     att_confident_fraction: float = 1.0
     aligner_warmup_steps: int = 0  # the first steps train on L_att in the way `aligner_warmup` says
@@ -306,9 +306,8 @@ def alignment_capture(source: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_lavender(args: LavenderArguments) -> None:
-    """Problems visible from the keys alone; the model- and store-dependent checks run in setup."""
-    from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
-
+    """Problems visible from the keys and the files they name; the model- and store-dependent
+    checks run in setup."""
     for name in ("model_name_or_path", "train_file", "targets_dir"):
         if not getattr(args, name):
             raise ConfigError(f"{name} is required")
@@ -318,6 +317,14 @@ def _check_lavender(args: LavenderArguments) -> None:
         raise ConfigError(
             f"targets_dir not found: {args.targets_dir} (write it first with `lavender targets`)"
         )
+    check_key_values(args)
+
+
+def check_key_values(args: LavenderArguments) -> None:
+    """A ConfigError for the first key whose value is out of range or names nothing (an aligner,
+    an aggregation, ...); the checks that need no file, so a caller can run them before any work."""
+    from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
+
     choices = {
         "att_text": TEXT_SIDES,
         "att_rows": QUERY_ROWS,

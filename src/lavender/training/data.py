@@ -171,12 +171,18 @@ def peak_margin(word_map: np.ndarray) -> float:
     return float(flat[peak] - flat[far].max()) if far.any() else 0.0
 
 
-def confident_words(store, record_ids: Sequence[str], fraction: float) -> set[tuple[str, str]]:
-    """``(record id, word key)`` of the ``fraction`` of the records' word maps with the highest
-    :func:`peak_margin` (ties in record order)."""
-    scored = [(peak_margin(word_map), record_id, key)
-              for record_id in dict.fromkeys(record_ids) if record_id in store
-              for key, word_map in store.get(record_id).items()]
+def confident_words(store, record_ids: Sequence[str], fraction: float, att_text: str) -> set[tuple[str, str]]:
+    """``(record id, word key)`` of the ``fraction`` of the records' aligned word maps (those of
+    words on an ``att_text`` side; a store made with ``--text both`` also holds the others) with
+    the highest :func:`peak_margin` (ties in record order)."""
+    sides = text_sides(att_text)
+    scored = []
+    for record_id in dict.fromkeys(record_ids):
+        if record_id not in store:
+            continue
+        maps = store.get(record_id)
+        scored += [(peak_margin(maps[word["key"]]), record_id, word["key"]) for word in store.words(record_id)
+                   if any(side in sides for side, _, _ in word["spans"])]
     scored.sort(key=lambda entry: entry[0], reverse=True)
     return {(record_id, key) for _, record_id, key in scored[:round(fraction * len(scored))]}
 

@@ -166,7 +166,8 @@ def build_trainer(config: TrainConfig):
 
     kept_words = None
     if args.att_confident_fraction < 1:
-        kept_words = confident_words(store, [record.id for record in records], args.att_confident_fraction)
+        kept_words = confident_words(store, [record.id for record in records], args.att_confident_fraction,
+                                     args.att_text)
         logger.info("att_confident_fraction %g: %d word maps aligned, those whose peak stands out most",
                     args.att_confident_fraction, len(kept_words))
     dataset = LavenderDataset(records, store, processor, att_text=args.att_text, strict=args.strict,
