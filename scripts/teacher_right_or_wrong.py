@@ -48,15 +48,14 @@ def write_split_store(source: Path, target: Path, keep: set[str], name: str) -> 
     """``source``'s maps for the records in ``keep``; the other records are listed without maps."""
     teacher = open_store(source)
 
-    def kept(record_id: str):
+    def kept(record_id: str) -> tuple[ShardRecord, np.ndarray]:
         record = teacher.record(record_id)
         if record_id not in keep:
-            return (ShardRecord(record_id, record.image, [], record.missing),
-                    np.zeros((0, teacher.resolution, teacher.resolution), dtype=np.float32))
+            return replace(record, words=[]), np.zeros((0, teacher.resolution, teacher.resolution), dtype=np.float32)
         maps = teacher.get(record_id)
         return record, np.stack([maps[word["key"]] for word in record.words])
 
-    return write_derived_store(source, target, name, f"teacher maps, {name} only", teacher.ids(), kept)
+    return write_derived_store(teacher, target, name, f"teacher maps, {name} only", teacher.ids(), kept)
 
 
 def _train_and_evaluate(run: Path, arch: str, arm: str, store: Path, settings: DemoSettings, seed: int) -> dict:

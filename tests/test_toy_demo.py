@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from lavender.teacher.store import open_store
 from lavender.toy.demo import (
     ARMS,
     KERNELS,
+    OPTION_OF_KEY,
     PRESETS,
     SHAPES,
     WEIGHTS,
@@ -27,7 +29,9 @@ from lavender.toy.demo import (
     WorldMismatch,
     _claim_output,
     _cpuinfo,
+    add_arguments,
     derangement,
+    fine_tune_keys,
     locate_models,
     mean_interval,
     write_derangement_store,
@@ -152,6 +156,8 @@ def test_validation_runs_evaluate_val_only_and_a_folder_keeps_its_settings(world
     # the same folder with other settings would mix two runs' models: refused before any work
     assert _lavender(*common, "--steps", "1", *arms, "--att-target-power", "0") == 2
     assert "--att-target-power must be positive" in capsys.readouterr().out
+    assert _lavender(*common, "--steps", "1", *arms, "--learning-rate", "-1") == 2  # a TrainingArguments key
+    assert "--learning-rate must be >= 0" in capsys.readouterr().out
     assert _lavender(*common, "--steps", "2", *arms, "--att-normalization", "none",
                      "--att-target-power", "2") == 2
     assert "other steps" in capsys.readouterr().out
@@ -306,8 +312,8 @@ def test_random_store_gives_each_record_another_records_maps(tmp_path):
 
     source = tmp_path / "teacher"
     words = {0: ["circle", "red"], 1: ["square"], 2: ["red", "triangle"], 3: ["blue"], 4: ["circle"]}
-    prepare_store(source, {"settings": {"text": "both", "resolution": 4, "normalize": "minmax"},
-                           "model_fingerprint": "hand", "layers": [], "records": {"count": 5}, "shard_size": 5})
+    prepare_store(source, {"settings": {"text": "both", "resolution": 4, "normalize": "minmax"}, "data": "d.jsonl",
+                           "model_fingerprint": "hand", "layers": [], "records": {"count": 5}, "shard_size": 2})
     entries = [(ShardRecord(f"r{i}", f"r{i}.png", [{"key": k, "text": k, "spans": [["question", 0, len(k)]]}
                                                     for k in keys], []),
                 np.full((len(keys), 4, 4), i, dtype=np.float32) + np.arange(len(keys))[:, None, None] / 8)
@@ -332,6 +338,19 @@ def test_random_store_gives_each_record_another_records_maps(tmp_path):
         assert len(owners) == 1  # all of one other record
         lenders |= owners
     assert len(lenders) == len(words)  # a permutation: every record lends once
+    # the teacher's metadata carried (`lavender show` finds the data), one shard said so; a rerun resumes
+    assert store.metadata["data"] == "d.jsonl" and store.metadata["shard_size"] == 5
+    assert store.metadata["model_fingerprint"] == "derangement of hand"
+    assert open_store(write_derangement_store(source, tmp_path / "random", seed=0)).metadata == store.metadata
+
+
+def test_each_checked_key_is_named_by_the_demo_option_that_sets_it(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = {option for action in parser._actions for option in action.option_strings}
+    keys = fine_tune_keys(tmp_path, tmp_path, tmp_path, tmp_path, DemoSettings(aggregation="mean"), 10.0, True, 0)
+    for key, option in OPTION_OF_KEY.items():  # an error names an option the user can give
+        assert option in options and key in keys, key
 
 
 def test_missing_weights_name_the_command_that_makes_them(tmp_path):
@@ -388,12 +407,12 @@ def test_workers_stop_when_the_demo_is_killed():
         "import os, time\n"
         "from lavender.toy.demo import _Workers\n"
         "with _Workers(2) as workers:\n"
-        "    started = set()\n"  # a worker that answers has run its start-up: both, however slow
-        "    while len(started) < 2:\n"
+        "    started, deadline = set(), time.time() + 120\n"  # a worker that answers has run its start-up
+        "    while len(started) < 2 and time.time() < deadline:\n"
         "        started |= {job.result() for job in [workers.submit(os.getpid) for _ in range(4)]}\n"
         "    busy = [workers.submit(time.sleep, 120) for _ in range(2)]\n"  # an idle worker would stop anyway
         "    time.sleep(1)\n"
-        "    print('ready', flush=True)\n"
+        "    print('ready' if len(started) == 2 else 'workers did not start', flush=True)\n"
         "    time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:

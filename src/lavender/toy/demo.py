@@ -46,7 +46,12 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lavender.teacher.store import ShardRecord, TargetStore
 
 WEIGHTS = Path(__file__).parent / "weights"  # WEIGHTS/<world>/{dm,llava,mllama}: each world's models
 # sft: λ = 0; the others align to a store: the teacher's, the masks', and two controls (another
@@ -252,18 +257,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The demo option that sets each `lavender train` key whose value lavender train checks.
+OPTION_OF_KEY = {"att_weight": "--att-weight", "att_text": "--text", "aligner": "--aligner", "att_rows": "--att-rows",
+                 "att_normalization": "--att-normalization", "att_target_power": "--att-target-power",
+                 "att_confident_fraction": "--att-confident-fraction", "att_layers": "--att-layers",
+                 "aggregation": "--aggregation", "learning_rate": "--learning-rate"}
+
+
 def _train_key_problem(settings: DemoSettings) -> str | None:
-    """`lavender train`'s own check of the Lavender arm's keys, run before any work starts; the
+    """`lavender train`'s own checks of the Lavender arm's keys, run before any work starts; the
     error names the demo's option (``--att-target-power``, not ``att_target_power``)."""
-    from lavender.training.config import ConfigError, LavenderArguments, check_key_values
+    from lavender.training.config import ConfigError, LavenderArguments, check_key_values, check_training_values
 
     keys = fine_tune_keys(Path("model"), Path("sft.jsonl"), Path("targets"), Path("train"), settings,
                           settings.att_weight, teacher_maps=True, seed=0)
     names = {field.name for field in fields(LavenderArguments)}
     try:
         check_key_values(LavenderArguments(**{key: value for key, value in keys.items() if key in names}))
+        check_training_values({key: value for key, value in keys.items() if key not in names})
     except ConfigError as error:
-        return re.sub(r"^(\w+)", lambda key: "--" + key.group(1).replace("_", "-"), str(error))
+        message = str(error)
+        key = re.match(r"\w*", message).group()  # each of these errors starts with its key
+        return OPTION_OF_KEY.get(key, key) + message[len(key):]
     return None
 
 
@@ -632,28 +647,29 @@ def write_derangement_store(source: Path, store: Path, seed: int) -> Path:
         raise ValueError(f"{source}: the random control needs at least two records with maps, found {len(ids)}")
     lenders = dict(zip(ids, (ids[j] for j in derangement(len(ids), seed))))
 
-    def borrowed(record_id: str):
+    def borrowed(record_id: str) -> tuple[ShardRecord, np.ndarray]:
         own, lent = teacher.record(record_id), teacher.get(lenders[record_id])
         lent_in_order = list(lent.values())
         return own, np.stack([lent.get(word["key"], lent_in_order[i % len(lent_in_order)])
                               for i, word in enumerate(own.words)])
 
-    return write_derived_store(source, store, "derangement", f"another record's maps (seed {seed})", ids, borrowed)
+    return write_derived_store(teacher, store, "derangement", f"another record's maps (seed {seed})", ids, borrowed)
 
 
-def write_derived_store(source: Path, store: Path, name: str, what: str, ids: list[str], entry: Callable) -> Path:
-    """A store made from the teacher store ``source``: for each of ``ids``, ``entry(record_id)``
-    gives its ``ShardRecord`` and maps; ``name`` goes into its model fingerprint, ``what`` (what
-    the maps are) into its settings. One shard; a store already written is left as it is."""
-    from lavender.teacher.store import finished_shards, open_store, prepare_store, write_shard
+def write_derived_store(teacher: TargetStore, store: Path, fingerprint_label: str, source_description: str,
+                        ids: list[str], make_entry: Callable[[str], tuple[ShardRecord, np.ndarray]]) -> Path:
+    """A store made from the open teacher store ``teacher``, with its metadata: for each of
+    ``ids``, ``make_entry(record_id)`` gives the record's entry and maps; ``fingerprint_label``
+    marks its model fingerprint, ``source_description`` (what the maps are) its settings. One
+    shard; a store already written is left as it is."""
+    from lavender.teacher.store import finished_shards, prepare_store, write_shard
 
-    metadata = open_store(source).metadata
-    prepare_store(store, {"settings": {**metadata["settings"], "source": what},
-                          "model_fingerprint": f"{name} of {metadata.get('model_fingerprint')}",
-                          "layers": metadata.get("layers", []), "records": metadata["records"],
-                          "shard_size": metadata["records"]["count"], "map_dtype": "float16"})
+    metadata = {key: value for key, value in teacher.metadata.items() if key != "format_version"}
+    prepare_store(store, {**metadata, "settings": {**metadata["settings"], "source": source_description},
+                          "model_fingerprint": f"{fingerprint_label} of {metadata.get('model_fingerprint')}",
+                          "shard_size": metadata["records"]["count"]})
     if not finished_shards(store):
-        write_shard(store, 0, [entry(record_id) for record_id in ids], [])
+        write_shard(store, 0, [make_entry(record_id) for record_id in ids], [])
     return store
 
 

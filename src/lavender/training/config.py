@@ -280,7 +280,7 @@ def build_config(keys: dict[str, Any]) -> TrainConfig:
     if not any(name in keys for name in kwargs_names):
         training_keys[next(name for name in kwargs_names if name in training_names)] = dict(CHECKPOINTING_KWARGS)
     training_keys.update({k: _coerce(k, v, training_types.get(k)) for k, v in keys.items() if k in training_names})
-    _check_training(training_keys)
+    check_training_values(training_keys)
 
     lavender = LavenderArguments(**lavender_keys)
     if isinstance(lavender.lora_target_modules, str) and _NAME_LIST.fullmatch(lavender.lora_target_modules):
@@ -356,7 +356,7 @@ def check_key_values(args: LavenderArguments) -> None:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"{name} must be positive, got {getattr(args, name)}")
     if args.att_layers is not None and (not args.att_layers or min(args.att_layers) < 0):
-        raise ConfigError(f"att_layers must be layer indices >= 0 (e.g. 0,1), got {args.att_layers!r}")
+        raise ConfigError(f"att_layers must be layer indices >= 0, got {args.att_layers!r}")
     if args.freeze_vision and args.use_peft and args.lora_vision:
         raise ConfigError("freeze_vision and lora_vision contradict each other: drop one")
     if args.cache_vision_features and not (args.freeze_vision or args.use_peft and not args.lora_vision):
@@ -375,7 +375,8 @@ _TRAINING_RANGES = {
 }
 
 
-def _check_training(keys: dict[str, Any]) -> None:
+def check_training_values(keys: dict[str, Any]) -> None:
+    """A ConfigError for the first TrainingArguments key out of the range TrainingArguments leaves unchecked."""
     for name, (low, rule) in _TRAINING_RANGES.items():
         if name in keys and keys[name] < low:
             raise ConfigError(f"{name} {rule}, got {keys[name]}")
