@@ -151,6 +151,42 @@ def test_attention_loss_is_per_word_mse():
         attention_loss(predicted, targets[:, :1])
 
 
+def test_kl_loss_reads_both_maps_as_distributions_in_float64():
+    # word 0: the teacher on one cell, the VLM with 0.4 of its mass there: KL = −log 0.4;
+    # word 1: the same distribution at another scale costs nothing (KL compares shapes of mass)
+    predicted = torch.tensor([[[0.4, 0.3], [0.2, 0.1]], [[2.0, 6.0], [0.0, 2.0]]])
+    targets = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.25, 0.75], [0.0, 0.25]]])
+    loss = attention_loss(predicted, targets, kind="kl")
+    torch.testing.assert_close(loss, torch.tensor([-math.log(0.4), 0.0]), atol=1e-4, rtol=0)
+    # against an independent float64 recomputation on random maps
+    generator = torch.Generator().manual_seed(0)
+    vlm, teacher = torch.rand(5, 4, 4, generator=generator), torch.rand(5, 4, 4, generator=generator)
+    p, q = (teacher / teacher.sum((1, 2), keepdim=True)).double(), (vlm / vlm.sum((1, 2), keepdim=True)).double()
+    expected = (p * (p / q).log()).sum((1, 2)).float()
+    torch.testing.assert_close(attention_loss(vlm, teacher, kind="kl"), expected, atol=1e-4, rtol=1e-4)
+    # half the mass spread evenly off the teacher's cell: min-max normalisation makes the map the
+    # target itself (MSE 0), KL charges it −log 0.5
+    target = torch.zeros(1, 8, 8)
+    target[0, 0, 0] = 1.0
+    spread = torch.full((1, 8, 8), 0.5 / 63)
+    spread[0, 0, 0] = 0.5
+    assert attention_loss(normalize_maps(spread, "minmax"), target) < 1e-6
+    torch.testing.assert_close(attention_loss(spread, target, kind="kl"), torch.tensor([math.log(2)]), atol=1e-4,
+                               rtol=0)
+    with pytest.raises(ValueError, match="unknown attention loss"):
+        attention_loss(predicted, targets, kind="l1")
+
+
+def test_kl_loss_over_the_visible_cells_only():
+    # the hidden column's mass leaves both distributions: the VLM's visible half matches the teacher's
+    predicted = torch.tensor([[[9.0, 0.5], [9.0, 0.5]]])
+    target = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    columns = torch.tensor([[[False, True], [False, True]]])
+    torch.testing.assert_close(attention_loss(predicted, target, columns, kind="kl"), torch.tensor([0.0]), atol=1e-5,
+                               rtol=0)
+    assert attention_loss(predicted, target, kind="kl") > 2.0
+
+
 def test_attention_weight_constant_and_decay():
     assert AttentionWeight(10.0)(0) == AttentionWeight(10.0)(1000) == 10.0
     decayed = AttentionWeight(10.0, decay=1.0, decay_steps=100)

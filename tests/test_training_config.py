@@ -78,11 +78,18 @@ def test_missing_targets_folder_says_how_to_make_it(paths):
      ("aggregation", "median", "aggregation"),
      ("lora_dropout", 1.5, "lora_dropout"),
      ("att_weight", -1, "att_weight"),
-     ("att_target_power", 0, "att_target_power must be positive")],
+     ("att_target_power", 0, "att_target_power must be positive"),
+     ("att_loss", "l1", "att_loss: 'l1' is not one of kl, mse")],
 )
 def test_bad_values_are_refused(paths, key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config({**paths, key: value})
+
+
+def test_kl_loss_refuses_min_max_maps(paths):
+    with pytest.raises(ConfigError, match="att_loss kl reads the VLM's maps as distributions"):
+        build_config({**paths, "att_loss": "kl", "att_normalization": "minmax"})
+    assert build_config({**paths, "att_loss": "kl", "att_normalization": "none"}).lavender.att_loss == "kl"
 
 
 def test_required_keys(paths):

@@ -351,6 +351,20 @@ def test_target_power_sharpens_the_stored_maps_before_the_crop_and_the_loss(worl
     _assert_att_sum_is_the_mse_to(aligned, _minmax(_minmax(targets**3, torch.ones_like(seen)), seen), seen)
 
 
+def test_kl_loss_compares_the_seen_cells_as_distributions_and_defaults_to_sum_maps(world, llava):
+    trainer = build_trainer(build_config(_keys(world, llava, "kl", att_loss="kl")))
+    assert trainer.head.normalization == "sum"  # the VLM's raw mass, not min-max
+    aligned, targets, seen = _align_random_targets(trainer)
+    assert not seen.all()
+    vlm = aligned.predicted.double() * seen
+    assert torch.allclose(vlm.flatten(1).sum(1), torch.ones(len(vlm), dtype=torch.float64), atol=1e-4)
+    # the recomputation: the seen part of the (min-max) target as a distribution, KL to the VLM's
+    teacher = _minmax(targets, seen)
+    teacher = teacher / teacher.flatten(1).sum(1)[:, None, None]
+    per_word = torch.where(seen, teacher * ((teacher + 1e-6).log() - (vlm + 1e-6).log()), 0.0).flatten(1).sum(1)
+    torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-5)
+
+
 def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):
     """`lavender tiny qwen2_vl` then `lavender train`: the processor loads through transformers'
     own Qwen2VLProcessor class (without torchvision: without its video processor)."""

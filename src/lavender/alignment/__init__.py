@@ -1,13 +1,14 @@
 """Alignment: from captured VLM attention to the loss against the teacher's per-word maps.
 
 ``aggregation`` (layers/heads reductions, by name), ``aligners`` (learned heads, by name),
-``loss`` (normalisation, MSE, λ schedule), ``head`` (the module that chains them).
+``loss`` (normalisation, MSE or KL, λ schedule), ``head`` (the module that chains them).
 """
 
 from lavender.alignment.aggregation import AGGREGATIONS, Aggregation, get_aggregation
 from lavender.alignment.aligners import ALIGNERS, ConvAligner, ParallelTextImageAttention, build_aligner
 from lavender.alignment.head import AlignmentHead, per_word_visibility, visible_word_rows, word_maps, word_weights
 from lavender.alignment.loss import (
+    ATTENTION_LOSSES,
     NORMALIZATIONS,
     AttentionWeight,
     attention_loss,
@@ -19,6 +20,7 @@ from lavender.alignment.loss import (
 __all__ = [
     "AGGREGATIONS",
     "ALIGNERS",
+    "ATTENTION_LOSSES",
     "NORMALIZATIONS",
     "Aggregation",
     "AlignmentHead",

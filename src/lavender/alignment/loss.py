@@ -1,9 +1,15 @@
-"""The alignment loss: per-word normalisation, MSE against the teacher, and the weight λ(t).
+"""The alignment loss: per-word normalisation, a distance to the teacher, and the weight λ(t).
 
-    L_att = mean over matched words w of  MSE( normalize(A_vlm[w]), A_dm[w] )
+    L_att = mean over matched words w of  D( normalize(A_vlm[w]), A_dm[w] )
 
 The teacher's maps are stored already normalised (the store's metadata says how); the VLM's side
-is normalised here the same way, per word over its R×R cells.
+is normalised here the same way, per word over its R×R cells. ``D`` (``ATTENTION_LOSSES``):
+
+* ``mse``, the paper's: the mean squared difference of the two maps, cell by cell;
+* ``kl``: KL(teacher ‖ VLM), both maps read as distributions over the cells. MSE on min–max maps
+  scores each cell against the peak, so a row can keep much of its mass on a big other object
+  whose every cell stays below the named one's; KL charges every bit of mass the VLM puts
+  outside where the teacher looks (docs/toy.md, "What the loss charges").
 
 Both maps cover the whole image. Where the VLM's processor cut part of the image off (LLaVA's
 centre crop), a ``visible`` mask marks the cells the VLM sees: the VLM's map is normalised over
@@ -85,22 +91,41 @@ def sharpen_maps(maps: torch.Tensor, power: float, method: str) -> torch.Tensor:
     return normalize_maps(maps.clamp_min(0).pow(power), method)
 
 
+def _squared_error(predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    squared = (predicted - targets).pow(2)
+    if visible is None:
+        return squared.mean(dim=1)
+    return (squared * visible).sum(dim=1) / visible.sum(dim=1).clamp_min(1)
+
+
+def _kl_divergence(predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    def distribution(maps: torch.Tensor) -> torch.Tensor:
+        maps = maps.clamp_min(0) if visible is None else maps.clamp_min(0) * visible
+        return maps / (maps.sum(dim=1, keepdim=True) + EPS)
+
+    target, vlm = distribution(targets), distribution(predicted)
+    return (target * ((target + EPS).log() - (vlm + EPS).log())).sum(dim=1)
+
+
+# Each takes flattened maps (N, R·R) in float32 and optionally which cells count; returns (N,).
+ATTENTION_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": _squared_error, "kl": _kl_divergence}
+
+
 def attention_loss(
-    predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None = None
+    predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None = None, kind: str = "mse"
 ) -> torch.Tensor:
-    """Per-word MSE ``(N,)`` between predicted and target maps ``(N, R, R)``, over the ``visible``
-    cells (``(N, R, R)`` bool; default all).
+    """Per-word distance ``(N,)`` between predicted and target maps ``(N, R, R)``, over the
+    ``visible`` cells (``(N, R, R)`` bool; default all): ``kind`` names one of ``ATTENTION_LOSSES``.
 
     Per word rather than a mean, so the caller can normalise by the number of words over the whole
     (accumulated, distributed) batch, the way the LM loss is normalised by its token count.
     """
     if predicted.shape != targets.shape:
         raise ValueError(f"predicted maps {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
-    squared = (predicted.float() - targets.float()).pow(2).flatten(1)
-    if visible is None:
-        return squared.mean(dim=1)
-    visible = visible.flatten(1)
-    return (squared * visible).sum(dim=1) / visible.sum(dim=1).clamp_min(1)
+    if kind not in ATTENTION_LOSSES:
+        raise ValueError(f"unknown attention loss {kind!r}; choose one of {sorted(ATTENTION_LOSSES)}")
+    return ATTENTION_LOSSES[kind](predicted.float().flatten(1), targets.float().flatten(1),
+                                  None if visible is None else visible.flatten(1))
 
 
 @dataclass(frozen=True)

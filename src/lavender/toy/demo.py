@@ -106,7 +106,8 @@ class DemoSettings:
     # learned aligner such as `lavender train`'s default, sim, can invert a map)
     aligner: str = "none"
     rows: str = "predicting"  # whose attention is aligned: the rows that predict the word, or its own
-    normalization: str | None = None  # of the VLM's maps before the loss; None: the targets' own (min–max)
+    normalization: str | None = None  # of the VLM's maps before the loss; None: lavender train's default
+    loss: str = "mse"  # the distance to the targets (lavender train's att_loss): mse, the paper's, or kl
     # the teacher's maps raised to it before the loss (`lavender train`'s att_target_power), in the arms
     # aligned to them; the oracle's and inverted masks stay as they are, the reference. 4: the power
     # whose caption maps best match the oracle's masks on sft, confirmed on val
@@ -187,6 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--att-normalization", default=None,
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
                              "the targets' own, min–max); none compares the raw attention mass with the targets")
+    parser.add_argument("--att-loss", default=None,
+                        help="the distance of the VLM's maps to the targets: mse (the paper's) or kl (both read "
+                             f"as distributions over the cells; lavender train's att_loss; default {defaults.loss})")
     parser.add_argument("--att-target-power", type=float, default=None,
                         help="the teacher's maps raised to this power before the loss in the lavender and "
                              "random arms, > 1 sharpens broad maps (lavender train's att_target_power; "
@@ -224,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                  "learning_rate": args.learning_rate, "text": args.text, "teacher_text": args.teacher_text,
                  "teacher_resolutions": tuple(args.teacher_resolutions) if args.teacher_resolutions else None,
                  "aligner": args.aligner,
-                 "rows": args.att_rows, "normalization": args.att_normalization,
+                 "rows": args.att_rows, "normalization": args.att_normalization, "loss": args.att_loss,
                  "target_power": args.att_target_power, "confident_fraction": args.att_confident_fraction,
                  "world_seed": args.world_seed,
                  "layers": tuple(args.att_layers) if args.att_layers else None, "aggregation": args.aggregation,
@@ -261,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
 OPTION_OF_KEY = {"att_weight": "--att-weight", "att_text": "--text", "aligner": "--aligner", "att_rows": "--att-rows",
                  "att_normalization": "--att-normalization", "att_target_power": "--att-target-power",
                  "att_confident_fraction": "--att-confident-fraction", "att_layers": "--att-layers",
-                 "aggregation": "--aggregation", "learning_rate": "--learning-rate"}
+                 "aggregation": "--aggregation", "learning_rate": "--learning-rate", "att_loss": "--att-loss"}
 
 
 def _train_key_problem(settings: DemoSettings) -> str | None:
@@ -682,6 +686,7 @@ def fine_tune_keys(model: Path, data: Path, targets: Path, output: Path, setting
         "model_name_or_path": str(model), "train_file": str(data), "targets_dir": str(targets),
         "output_dir": str(output), "use_peft": False, "att_weight": att_weight, "att_text": settings.text,
         "aligner": settings.aligner, "att_rows": settings.rows, "att_normalization": settings.normalization,
+        "att_loss": settings.loss,
         "att_target_power": settings.target_power if teacher_maps else 1.0,
         "att_confident_fraction": settings.confident_fraction if teacher_maps else 1.0,
         "att_layers": list(settings.layers) if settings.layers else None,
@@ -963,6 +968,7 @@ def format_results(results: dict) -> str:
              + (f"targets to the power {settings['target_power']}, " if settings.get("target_power", 1) != 1 else "")
              + (f"the confident {settings['confident_fraction']:.0%} of the teacher's maps, "
                 if settings.get("confident_fraction", 1) != 1 else "")
+             + (f"{settings['loss']} loss, " if settings.get("loss", "mse") != "mse" else "")
              + f"aligner {settings['aligner']}, rows {settings['rows']}, "
              + ("vision tower frozen, " if settings.get("freeze_vision") else "")
              + f"{settings['sft_size']} SFT records, {settings['eval_size']} per evaluated split, "

@@ -108,7 +108,11 @@ class LavenderArguments:
     aggregation: str = "mean"
     aligner: str = "sim"
     aligner_hidden: int = 32
-    att_normalization: str | None = None  # None = the targets' own (the teacher's `normalize`, min–max by default)
+    # the distance of the VLM's maps to the teacher's: mse (the paper's) or kl (both as distributions over
+    # the cells: charges all mass put off the teacher's map; lavender.alignment.loss)
+    att_loss: str = "mse"
+    # None = the targets' own (the teacher's `normalize`, min–max by default) with mse, sum (the raw mass) with kl
+    att_normalization: str | None = None
     att_target_power: float = 1.0  # the teacher's maps raised to it (and normalised again); > 1 sharpens broad maps
     # the share of the att_text words' maps aligned, those whose peak stands out most (training.data.peak_margin);
     # the other words train on L_LM alone. A wrong map costs more than a missing one (docs/toy.md)
@@ -323,7 +327,7 @@ def _check_lavender(args: LavenderArguments) -> None:
 def check_key_values(args: LavenderArguments) -> None:
     """A ConfigError for the first key whose value is out of range or names nothing (an aligner,
     an aggregation, ...); the checks that need no file, so a caller can run them before any work."""
-    from lavender.alignment import AGGREGATIONS, ALIGNERS, NORMALIZATIONS
+    from lavender.alignment import AGGREGATIONS, ALIGNERS, ATTENTION_LOSSES, NORMALIZATIONS
 
     choices = {
         "att_text": TEXT_SIDES,
@@ -333,6 +337,7 @@ def check_key_values(args: LavenderArguments) -> None:
         "aggregation": sorted(AGGREGATIONS),
         "aligner": sorted(ALIGNERS),
         "att_normalization": sorted(NORMALIZATIONS),
+        "att_loss": sorted(ATTENTION_LOSSES),
         "dtype": DTYPES,
     }
     for name, allowed in choices.items():
@@ -348,6 +353,9 @@ def check_key_values(args: LavenderArguments) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.att_loss == "kl" and args.att_normalization == "minmax":
+        raise ConfigError("att_loss kl reads the VLM's maps as distributions, which min-max normalisation "
+                          "changes (its lowest cell gets no mass): set att_normalization sum (the default with kl) or none")
     if args.att_target_power <= 0:
         raise ConfigError(f"att_target_power must be positive, got {args.att_target_power}")
     if not 0 < args.att_confident_fraction <= 1:

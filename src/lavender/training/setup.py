@@ -130,7 +130,7 @@ def build_trainer(config: TrainConfig):
             f"att_target_power {args.att_target_power} needs normalised targets, but {args.targets_dir} holds raw "
             "maps (lavender targets --normalize none), which a power only shrinks; make them with minmax or sum"
         )
-    normalization = args.att_normalization or target_normalization
+    normalization = args.att_normalization or ("sum" if args.att_loss == "kl" else target_normalization)
     head = AlignmentHead(
         text_config.num_attention_heads,
         args.aggregation,
@@ -188,6 +188,7 @@ def build_trainer(config: TrainConfig):
         resolution=store.resolution,
         target_normalization=target_normalization,
         target_power=args.att_target_power,
+        att_loss=args.att_loss,
         image_token_id=image_token,
         att_weight=AttentionWeight(args.att_weight, args.att_weight_decay, args.att_weight_decay_steps),
         aligner_warmup_steps=args.aligner_warmup_steps,

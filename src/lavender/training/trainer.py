@@ -64,7 +64,7 @@ class _AlignmentRequest:
 
 @dataclass
 class _Aligned:
-    att_sum: torch.Tensor  # Σ over matched words of the per-word MSE, with grad
+    att_sum: torch.Tensor  # Σ over matched words of the per-word loss (MSE or KL), with grad
     predicted: torch.Tensor  # (N, R, R), detached: for figures
     visible: torch.Tensor  # (N, R, R) bool: the cells the VLM sees (its processor may crop the image)
     word_mask: torch.Tensor  # (B, W): the words that got a map
@@ -112,6 +112,7 @@ class LavenderTrainer(Trainer):
         resolution: int,
         target_normalization: str,
         target_power: float = 1.0,
+        att_loss: str = "mse",
         image_token_id: int | None,
         att_weight: AttentionWeight,
         aligner_warmup_steps: int = 0,
@@ -127,6 +128,7 @@ class LavenderTrainer(Trainer):
         self.resolution = resolution
         self.target_normalization = target_normalization  # the store's: a cropped target is renormalised as it was made
         self.target_power = target_power
+        self.att_loss = att_loss  # lavender.alignment.ATTENTION_LOSSES
         self.image_token_id = image_token_id
         self.att_weight = att_weight
         self.aligner_warmup_steps = aligner_warmup_steps
@@ -238,7 +240,7 @@ class LavenderTrainer(Trainer):
         targets = restrict_to_visible(
             request.targets[word_mask].to(predicted.dtype), visible, self.target_normalization
         )
-        per_word = attention_loss(predicted, targets, visible)
+        per_word = attention_loss(predicted, targets, visible, self.att_loss)
         # the zero term keeps the head in the graph when no word matched, so every process
         # reduces the head's gradients on every step
         att_sum = per_word.sum() + sum(p.sum() for p in self.head.parameters()) * 0.0
