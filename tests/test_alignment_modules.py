@@ -187,6 +187,23 @@ def test_kl_loss_over_the_visible_cells_only():
     assert attention_loss(predicted, target, kind="kl") > 2.0
 
 
+def test_kl_loss_leaves_hidden_mass_out_and_stays_finite():
+    # the target's mass on a hidden cell leaves its distribution, as the VLM's does
+    predicted, target = torch.tensor([[[0.5, 0.5], [0.0, 0.0]]]), torch.tensor([[[0.5, 0.5], [5.0, 0.0]]])
+    top_row = torch.tensor([[[True, True], [False, False]]])
+    assert attention_loss(predicted, target, top_row, kind="kl").item() == pytest.approx(0.0, abs=1e-5)
+    # a negative cell holds no mass; maps without any mass give finite losses and gradients
+    cases = [(torch.tensor([[[-1.0, 1.0], [0.0, 0.0]]]), torch.tensor([[[0.0, 1.0], [0.0, 0.0]]]), 0.0),
+             (torch.zeros(1, 2, 2), torch.ones(1, 2, 2), None), (torch.ones(1, 2, 2), torch.zeros(1, 2, 2), 0.0)]
+    for vlm, teacher, expected in cases:
+        vlm.requires_grad_(True)
+        loss = attention_loss(vlm, teacher, kind="kl")
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(vlm.grad).all()
+        if expected is not None:
+            assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
 def test_attention_weight_constant_and_decay():
     assert AttentionWeight(10.0)(0) == AttentionWeight(10.0)(1000) == 10.0
     decayed = AttentionWeight(10.0, decay=1.0, decay_steps=100)

@@ -86,10 +86,12 @@ def test_bad_values_are_refused(paths, key, value, message):
         build_config({**paths, key: value})
 
 
-def test_kl_loss_refuses_min_max_maps(paths):
+def test_kl_loss_takes_the_vlms_own_attention_only(paths):
+    with pytest.raises(ConfigError, match="the output of aligner sim is not"):
+        build_config({**paths, "att_loss": "kl"})  # the default aligner
     with pytest.raises(ConfigError, match="att_loss kl reads the VLM's maps as distributions"):
-        build_config({**paths, "att_loss": "kl", "att_normalization": "minmax"})
-    assert build_config({**paths, "att_loss": "kl", "att_normalization": "none"}).lavender.att_loss == "kl"
+        build_config({**paths, "att_loss": "kl", "aligner": "none", "att_normalization": "minmax"})
+    assert build_config({**paths, "att_loss": "kl", "aligner": "none"}).lavender.att_loss == "kl"
 
 
 def test_required_keys(paths):

@@ -352,7 +352,7 @@ def test_target_power_sharpens_the_stored_maps_before_the_crop_and_the_loss(worl
 
 
 def test_kl_loss_compares_the_seen_cells_as_distributions_and_defaults_to_sum_maps(world, llava):
-    trainer = build_trainer(build_config(_keys(world, llava, "kl", att_loss="kl")))
+    trainer = build_trainer(build_config(_keys(world, llava, "kl", att_loss="kl", aligner="none")))
     assert trainer.head.normalization == "sum"  # the VLM's raw mass, not min-max
     aligned, targets, seen = _align_random_targets(trainer)
     assert not seen.all()
@@ -363,6 +363,14 @@ def test_kl_loss_compares_the_seen_cells_as_distributions_and_defaults_to_sum_ma
     teacher = teacher / teacher.flatten(1).sum(1)[:, None, None]
     per_word = torch.where(seen, teacher * ((teacher + 1e-6).log() - (vlm + 1e-6).log()), 0.0).flatten(1).sum(1)
     torch.testing.assert_close(aligned.att_sum.double(), per_word.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_kl_run_logs_its_loss_as_the_total_says(world, llava):
+    logs = train_logs(train(build_config(_keys(world, llava, "kl_run", max_steps=2, att_loss="kl", aligner="none"))))
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["att_loss"]) and entry["att_loss"] > 0
+        assert _close(entry["loss"], entry["lm_loss"] + entry["att_weight"] * entry["att_loss"])
 
 
 def test_qwen2_vl_trains_from_its_folder_through_the_real_processor(world):

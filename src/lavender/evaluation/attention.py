@@ -19,7 +19,8 @@ the teacher's map is then normalised again over those cells, as in training):
 * ``entropy``: Shannon entropy of the map taken as a distribution over the R² cells, divided by
   log R² (1 = flat, 0 = one cell); ``teacher_entropy`` the same for the teacher's map;
 * ``mse``: mean squared difference with the teacher's map as stored (the alignment loss's own
-  measure, unless training sharpened the targets with ``att_target_power``);
+  measure, unless training sharpened the targets with ``att_target_power`` or compared
+  distributions with ``att_loss: kl``, whose ``head`` maps sum to 1 and are not comparable so);
 * ``pearson``: correlation with the teacher's map over the cells (words where either map is
   constant are left out and counted in ``pearson_undefined``);
 * ``pointing``: whether the map's highest cell lies on the word's mask (the first such cell if

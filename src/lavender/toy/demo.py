@@ -187,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the query rows aligned to a word's map (default {defaults.rows})")
     parser.add_argument("--att-normalization", default=None,
                         help="normalisation of the VLM's maps before the loss: minmax, sum or none (default: "
-                             "the targets' own, min–max); none compares the raw attention mass with the targets")
+                             "the targets' own, min–max; sum with --att-loss kl); none compares the raw attention "
+                             "mass with the targets")
     parser.add_argument("--att-loss", default=None,
                         help="the distance of the VLM's maps to the targets: mse (the paper's) or kl (both read "
                              f"as distributions over the cells; lavender train's att_loss; default {defaults.loss})")

@@ -109,7 +109,7 @@ class LavenderArguments:
     aligner: str = "sim"
     aligner_hidden: int = 32
     # the distance of the VLM's maps to the teacher's: mse (the paper's) or kl (both as distributions over
-    # the cells: charges all mass put off the teacher's map; lavender.alignment.loss)
+    # the cells: charges all mass put off the teacher's map; with aligner none; lavender.alignment.loss)
     att_loss: str = "mse"
     # None = the targets' own (the teacher's `normalize`, min–max by default) with mse, sum (the raw mass) with kl
     att_normalization: str | None = None
@@ -353,9 +353,13 @@ def check_key_values(args: LavenderArguments) -> None:
             raise ConfigError(f"{name} must be >= 0, got {getattr(args, name)}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.att_loss == "kl" and args.aligner != "none":
+        raise ConfigError(f"att_loss kl reads the VLM's attention as a distribution, which the output of aligner "
+                          f"{args.aligner} is not (it can be negative, and a cell below zero passes no gradient): "
+                          "set aligner none, or att_loss mse")
     if args.att_loss == "kl" and args.att_normalization == "minmax":
         raise ConfigError("att_loss kl reads the VLM's maps as distributions, which min-max normalisation "
-                          "changes (its lowest cell gets no mass): set att_normalization sum (the default with kl) or none")
+                          "changes (its lowest cell gets no mass): leave att_normalization unset (sum with kl)")
     if args.att_target_power <= 0:
         raise ConfigError(f"att_target_power must be positive, got {args.att_target_power}")
     if not 0 < args.att_confident_fraction <= 1:
