@@ -82,8 +82,8 @@ class DemoSettings:
     """What the experiment runs; the defaults are the recorded demo (``PRESETS["binding"]``)."""
 
     world: str = "binding"  # which world's splits (lavender.toy.splits.WORLD_NAMES) and weights
-    # the toy LLaVA's oracle does not break this world's shortcut (docs/toy.md, "Why LLaVA's oracle
-    # does not break the shortcut"), and both VLMs' runs do not fit 15 minutes; --arch llava mllama
+    # the toy LLaVA's oracle breaks this world's shortcut with the KL loss only (docs/toy.md, "What
+    # the loss charges"), and both VLMs' runs do not fit 15 minutes; --arch llava --att-loss kl
     archs: tuple[str, ...] = ("mllama",)
     # three seeds' verdict moved by up to 3.3 points with nothing but the CPU's rounding changed
     # (docs/toy.md, "Across machines"); five took 10 minutes on a 2-core EPYC once the tower's
