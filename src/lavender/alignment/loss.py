@@ -99,11 +99,10 @@ def _squared_error(predicted: torch.Tensor, targets: torch.Tensor, visible: torc
 
 
 def _kl_divergence(predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    def distribution(maps: torch.Tensor) -> torch.Tensor:
-        maps = maps.clamp_min(0) if visible is None else maps.clamp_min(0) * visible
-        return maps / (maps.sum(dim=1, keepdim=True) + EPS)
-
-    target, vlm = distribution(targets), distribution(predicted)
+    # the `sum` normalisation makes each map a distribution over its last two dims: a flattened
+    # map (N, R·R) is read as N maps of one row
+    cells = None if visible is None else visible[:, None]
+    target, vlm = (_sum(maps[:, None], cells)[:, 0] for maps in (targets, predicted))
     return (target * ((target + EPS).log() - (vlm + EPS).log())).sum(dim=1)
 
 
