@@ -73,7 +73,7 @@ def main() -> None:
 
     setup.build_trainer = build_with_clock
     with tempfile.TemporaryDirectory() as output:
-        settings = PRESETS[args.preset]
+        settings = PRESETS[args.preset].for_arch(args.arch)
         weights = args.weights or WEIGHTS / settings.world / args.arch
         keys = {**fine_tune_keys(weights, args.data, args.targets, Path(output), settings, settings.att_weight,
                                  teacher_maps=True, seed=0),

@@ -63,7 +63,7 @@ def _train_and_evaluate(run: Path, arch: str, arm: str, store: Path, settings: D
     data = {split: run / "data" / f"{split}.jsonl" for split in ("sft", "train", *settings.eval_splits)}
     stores = {split: run / "targets" / split for split in settings.eval_splits}
     name = f"{arch}/{arm}/seed{seed}"
-    trained = _fine_tune(Path(models[arch]), data["sft"], store, run / "train" / name, settings,
+    trained = _fine_tune(Path(models[arch]), data["sft"], store, run / "train" / name, settings.for_arch(arch),
                          settings.att_weight, True, seed)
     return _evaluate(trained, data, stores, run / "eval" / name, settings)
 
@@ -76,6 +76,7 @@ def main() -> None:
 
     recorded = json.loads((args.run / "run.json").read_text())["settings"]
     as_recorded = {f.name: recorded[f.name] for f in fields(DemoSettings) if f.name in recorded}
+    as_recorded.setdefault("per_arch", {})  # a run from before per_arch: one recipe for every VLM
     settings = DemoSettings(**{name: tuple(value) if isinstance(value, list) else value
                                for name, value in as_recorded.items()})
     settings = replace(settings, confident_fraction=1.0)  # the split is this diagnostic's own filter

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -29,6 +30,7 @@ from lavender.toy.demo import (
     WorldMismatch,
     _claim_output,
     _cpuinfo,
+    _train_key_problem,
     add_arguments,
     derangement,
     fine_tune_keys,
@@ -194,19 +196,22 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
                      str(output), "--sft-size", "8", "--eval-size", "6", "--steps", "2", "--jobs", "1") == 0
     results = json.loads((output / "results.json").read_text())
     binding = DemoSettings()
-    assert results["settings"]["world"] == "binding" and set(results["summary"]) == set(binding.archs) == {"mllama"}
+    assert results["settings"]["world"] == "binding"
+    assert set(results["summary"]) == set(binding.archs) == {"llava", "mllama"}
     teacher = open_store(output / "targets" / "sft").metadata
     assert teacher["answer_maps"]["from"] == "caption phrase of the named object"
     assert teacher["settings"]["resolutions"] == list(binding.teacher_resolutions)
-    for arm in ARMS:
-        keys = yaml.safe_load((output / "train" / "mllama" / arm / "seed0" / "lavender_train.yaml").read_text())
+    learning_rates = {"llava": 6e-4, "mllama": 3e-4}  # the toy LLaVA's own schedule; --steps holds for both
+    for arch, arm in itertools.product(binding.archs, ARMS):
+        keys = yaml.safe_load((output / "train" / arch / arm / "seed0" / "lavender_train.yaml").read_text())
         assert keys["freeze_vision"] is True and keys["aligner"] == "none" and keys["att_text"] == "answer"
-        assert keys["cache_vision_features"] is True
-        assert keys["learning_rate"] == binding.learning_rate and keys["att_weight"] == (arm != "sft") * 10.0
+        assert keys["cache_vision_features"] is True and keys["att_loss"] == "kl" and keys["max_steps"] == 2
+        assert keys["learning_rate"] == learning_rates[arch] and keys["att_weight"] == (arm != "sft") * 10.0
         # the teacher's maps (and the random control's, the teacher's of another record) sharpened; masks not
         assert keys["att_target_power"] == (binding.target_power if arm in ("lavender", "random") else 1.0)
         assert keys["att_confident_fraction"] == (binding.confident_fraction if arm in ("lavender", "random") else 1.0)
-    assert "(binding world, 1 seed(s), 2 steps" in (output / "results.md").read_text()
+    header = (output / "results.md").read_text().splitlines()[0]
+    assert "(binding world, 1 seed(s), 2 steps" in header and header.endswith("; llava: learning rate 0.0006)")
     pinned = "avx2" in (_cpuinfo("flags") or "").split()  # not pinned on CPUs without AVX2
     expected = {name: value if pinned else None for name, value in KERNELS.items()}
     assert results["machine"]["environment"] == {**expected, "MKL_CBWR": "COMPATIBLE"}
@@ -342,6 +347,24 @@ def test_random_store_gives_each_record_another_records_maps(tmp_path):
     assert store.metadata["data"] == "d.jsonl" and store.metadata["shard_size"] == 5
     assert store.metadata["model_fingerprint"] == "derangement of hand"
     assert open_store(write_derangement_store(source, tmp_path / "random", seed=0)).metadata == store.metadata
+
+
+def test_an_option_given_holds_for_every_vlm():
+    settings = DemoSettings(steps=1000, learning_rate=3e-4, per_arch={"llava": {"steps": 500, "learning_rate": 6e-4}})
+    assert (settings.for_arch("llava").steps, settings.for_arch("llava").learning_rate) == (500, 6e-4)
+    assert (settings.for_arch("mllama").steps, settings.for_arch("mllama").learning_rate) == (1000, 3e-4)
+    assert settings.for_arch("llava").per_arch == {}
+    steps_given = settings.override({"steps": 200})
+    assert steps_given.for_arch("llava").steps == steps_given.for_arch("mllama").steps == 200
+    assert steps_given.for_arch("llava").learning_rate == 6e-4  # what was not given stays the VLM's own
+    assert settings.override({"steps": 200, "learning_rate": 1e-3}).per_arch == {}
+
+
+def test_a_vlms_own_value_is_checked_before_any_work():
+    """`lavender train`'s checks run on each VLM's keys: a bad value of one VLM's own is caught too."""
+    settings = DemoSettings(per_arch={"llava": {"learning_rate": -1.0}})
+    assert _train_key_problem(settings).startswith("--learning-rate")
+    assert _train_key_problem(settings.override({"learning_rate": 1e-4})) is None
 
 
 def test_each_checked_key_is_named_by_the_demo_option_that_sets_it(tmp_path):
