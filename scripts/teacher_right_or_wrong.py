@@ -26,7 +26,7 @@ import numpy as np
 from lavender.evaluation.attention import load_masks, mask_on_grid, pointing_hit
 from lavender.records import read_records
 from lavender.teacher.store import ShardRecord, open_store
-from lavender.toy.demo import DemoSettings, _evaluate, _fine_tune, _Workers, mean_interval, write_derived_store
+from lavender.toy.demo import SHAPES, DemoSettings, _evaluate, _fine_tune, _Workers, mean_interval, write_derived_store
 
 SPLITS = ("right", "wrong")
 
@@ -75,10 +75,10 @@ def main() -> None:
     args = parser.parse_args()
 
     recorded = json.loads((args.run / "run.json").read_text())["settings"]
-    as_recorded = {f.name: recorded[f.name] for f in fields(DemoSettings) if f.name in recorded}
-    as_recorded.setdefault("per_arch", {})  # a run from before per_arch: one recipe for every VLM
-    settings = DemoSettings(**{name: tuple(value) if isinstance(value, list) else value
-                               for name, value in as_recorded.items()})
+    # a setting the run did not record did not exist yet: it ran as the first experiment's (SHAPES), as
+    # `lavender demo` reads such a folder
+    settings = replace(SHAPES, **{f.name: tuple(recorded[f.name]) if isinstance(recorded[f.name], list)
+                                  else recorded[f.name] for f in fields(DemoSettings) if f.name in recorded})
     settings = replace(settings, confident_fraction=1.0)  # the split is this diagnostic's own filter
     split = settings.eval_splits[0]
     hits = pointing_records(args.run / "targets" / "sft", args.run / "data" / "sft.jsonl")

@@ -23,6 +23,7 @@ from lavender.toy.demo import (
     KERNELS,
     OPTION_OF_KEY,
     PRESETS,
+    QUICK,
     SHAPES,
     WEIGHTS,
     DemoSettings,
@@ -34,8 +35,10 @@ from lavender.toy.demo import (
     add_arguments,
     derangement,
     fine_tune_keys,
+    format_results,
     locate_models,
     mean_interval,
+    run_demo,
     write_derangement_store,
     write_mask_store,
 )
@@ -201,17 +204,18 @@ def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tm
     teacher = open_store(output / "targets" / "sft").metadata
     assert teacher["answer_maps"]["from"] == "caption phrase of the named object"
     assert teacher["settings"]["resolutions"] == list(binding.teacher_resolutions)
-    learning_rates = {"llava": 6e-4, "mllama": 3e-4}  # the toy LLaVA's own schedule; --steps holds for both
     for arch, arm in itertools.product(binding.archs, ARMS):
         keys = yaml.safe_load((output / "train" / arch / arm / "seed0" / "lavender_train.yaml").read_text())
         assert keys["freeze_vision"] is True and keys["aligner"] == "none" and keys["att_text"] == "answer"
-        assert keys["cache_vision_features"] is True and keys["att_loss"] == "kl" and keys["max_steps"] == 2
-        assert keys["learning_rate"] == learning_rates[arch] and keys["att_weight"] == (arm != "sft") * 10.0
+        assert keys["cache_vision_features"] is True and keys["att_loss"] == "kl"
+        # --steps replaces the toy LLaVA's own schedule: both VLMs run the shared one
+        assert keys["max_steps"] == 2 and keys["learning_rate"] == binding.learning_rate
+        assert keys["att_weight"] == (arm != "sft") * 10.0
         # the teacher's maps (and the random control's, the teacher's of another record) sharpened; masks not
         assert keys["att_target_power"] == (binding.target_power if arm in ("lavender", "random") else 1.0)
         assert keys["att_confident_fraction"] == (binding.confident_fraction if arm in ("lavender", "random") else 1.0)
     header = (output / "results.md").read_text().splitlines()[0]
-    assert "(binding world, 1 seed(s), 2 steps" in header and header.endswith("; llava: learning rate 0.0006)")
+    assert "(binding world, 1 seed(s), 2 steps" in header and header.endswith("world seed 0)")
     pinned = "avx2" in (_cpuinfo("flags") or "").split()  # not pinned on CPUs without AVX2
     expected = {name: value if pinned else None for name, value in KERNELS.items()}
     assert results["machine"]["environment"] == {**expected, "MKL_CBWR": "COMPATIBLE"}
@@ -265,6 +269,20 @@ def test_a_folder_from_before_the_presets_resumes_with_the_settings_it_ran(weigh
         _claim_output(tmp_path / kind, replace(SHAPES, world=kind), models)
     with pytest.raises(OutputInUse, match="other aligner, .*steps"):
         _claim_output(tmp_path / "binding", DemoSettings(archs=("llava",)), models)
+
+
+def test_a_folder_from_before_the_vlms_own_recipes_resumes_where_nothing_changed(weights, tmp_path):
+    """Its run.json has no per_arch (and no loss): one recipe for every VLM, MSE."""
+    models = locate_models(weights, None, ("llava", "mllama"))
+    mllama_mse = DemoSettings().override({"archs": ("mllama",), "loss": "mse"})
+    _claim_output(tmp_path, mllama_mse, models)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["settings"]["per_arch"] == {}  # the toy LLaVA's recipe is not recorded where it does not run
+    del run["settings"]["per_arch"], run["settings"]["loss"]
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    _claim_output(tmp_path, mllama_mse, models)
+    with pytest.raises(OutputInUse, match="other archs, loss, per_arch"):
+        _claim_output(tmp_path, DemoSettings(), models)
 
 
 def test_oracle_store_holds_each_words_mask_coverage(world, tmp_path):
@@ -349,15 +367,35 @@ def test_random_store_gives_each_record_another_records_maps(tmp_path):
     assert open_store(write_derangement_store(source, tmp_path / "random", seed=0)).metadata == store.metadata
 
 
-def test_an_option_given_holds_for_every_vlm():
-    settings = DemoSettings(steps=1000, learning_rate=3e-4, per_arch={"llava": {"steps": 500, "learning_rate": 6e-4}})
-    assert (settings.for_arch("llava").steps, settings.for_arch("llava").learning_rate) == (500, 6e-4)
-    assert (settings.for_arch("mllama").steps, settings.for_arch("mllama").learning_rate) == (1000, 3e-4)
-    assert settings.for_arch("llava").per_arch == {}
-    steps_given = settings.override({"steps": 200})
-    assert steps_given.for_arch("llava").steps == steps_given.for_arch("mllama").steps == 200
-    assert steps_given.for_arch("llava").learning_rate == 6e-4  # what was not given stays the VLM's own
-    assert settings.override({"steps": 200, "learning_rate": 1e-3}).per_arch == {}
+def test_an_option_given_holds_for_every_vlm(ran):
+    assert _lavender("demo") == 0
+    llava, mllama = ran["settings"].for_arch("llava"), ran["settings"].for_arch("mllama")
+    assert (llava.steps, llava.learning_rate, mllama.steps, mllama.learning_rate) == (500, 6e-4, 1000, 3e-4)
+    assert llava.per_arch == {} and llava.loss == mllama.loss == "kl"
+    # a VLM's own schedule is one choice: giving its steps (or --quick's) gives it the shared rate too
+    for argv, steps in ((("--steps", "200"), 200), (("--quick",), QUICK["steps"])):
+        assert _lavender("demo", *argv) == 0
+        assert ran["settings"].per_arch == {}
+        assert (ran["settings"].for_arch("llava").steps, ran["settings"].for_arch("llava").learning_rate) == (steps, 3e-4)
+    assert _lavender("demo", "--seeds", "2") == 0  # an option the schedule does not hold leaves it
+    assert ran["settings"].for_arch("llava").steps == 500
+    assert _lavender("demo", "--arch", "mllama") == 0  # a VLM left out leaves no recipe behind (run.json, header)
+    assert ran["settings"].per_arch == {}
+
+
+def test_each_vlm_trains_with_its_own_recipe(binding_world, weights, tmp_path, monkeypatch):
+    for name in KERNELS:  # run_demo sets them where unset; the teardown restores each as it was
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    settings = replace(DemoSettings(), seeds=1, sft_size=8, eval_size=6, steps=2, batch_size=4, arms=("sft", "lavender"),
+                       per_arch={"llava": {"learning_rate": 5e-4}})
+    models = locate_models(weights, None, settings.archs)
+    results = run_demo(settings, models, tmp_path / "demo", world=binding_world)
+    for arch, learning_rate in (("llava", 5e-4), ("mllama", settings.learning_rate)):
+        keys = yaml.safe_load((tmp_path / "demo" / "train" / arch / "lavender" / "seed0" / "lavender_train.yaml")
+                              .read_text())
+        assert keys["learning_rate"] == learning_rate and keys["max_steps"] == 2
+    assert format_results(results).splitlines()[0].endswith("world seed 0; llava: learning rate 0.0005)")
 
 
 def test_a_vlms_own_value_is_checked_before_any_work():

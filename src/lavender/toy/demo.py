@@ -84,8 +84,8 @@ class DemoSettings:
     world: str = "binding"  # which world's splits (lavender.toy.splits.WORLD_NAMES) and weights
     # LLaVA first: its runs are the longer ones, and the Mllama runs then fill the workers' last gaps
     archs: tuple[str, ...] = ("llava", "mllama")
-    # both VLMs in 15 minutes allow three (docs/toy.md, "Both VLMs in one demo"); three seeds' verdict
-    # moved by up to 3.3 points with nothing but the CPU's rounding changed ("Across machines")
+    # both VLMs in 15 minutes allow three (docs/toy.md, "KL for the toy Mllama too, and both VLMs in one demo"); three seeds'
+    # verdict moved by up to 3.3 points with nothing but the CPU's rounding changed ("Across machines")
     seeds: int = 3
     sft_size: int = 400  # the world's sft split: the shortcut holds in every record
     eval_size: int = 300
@@ -107,7 +107,7 @@ class DemoSettings:
     normalization: str | None = None  # of the VLM's maps before the loss; None: lavender train's default
     # the distance to the targets (lavender train's att_loss): kl, not the paper's mse: on val it gave
     # the toy LLaVA's oracle its gain (mse: none) and the toy Mllama's twice the gain (docs/toy.md,
-    # "What the loss charges", "KL for both VLMs")
+    # "What the loss charges", "KL for the toy Mllama too")
     loss: str = "kl"
     # the teacher's maps raised to it before the loss (`lavender train`'s att_target_power), in the arms
     # aligned to them; the oracle's and inverted masks stay as they are, the reference. 4: the power
@@ -128,10 +128,10 @@ class DemoSettings:
     world_seed: int = 0
     eval_splits: tuple[str, ...] = TEST_SPLITS  # ("val",): choosing settings
     arms: tuple[str, ...] = ARMS
-    # what one VLM's runs set otherwise, chosen on val; an option given on the command line holds for
-    # every VLM. A toy LLaVA step costs twice an Mllama step (its decoder carries the 64 image
-    # tokens), and half the steps at twice the learning rate gave its oracle the same gain on val
-    # (+22.8 against +22.0; docs/toy.md, "Both VLMs in one demo"): both VLMs fit 15 minutes
+    # a VLM's own recipe, used in its runs in place of the shared values above, chosen on val. A toy
+    # LLaVA step costs twice an Mllama step (its decoder carries the 64 image tokens), and half the
+    # steps at twice the learning rate gave its oracle the same gain on val (+22.8 against +22.0;
+    # docs/toy.md, "KL for the toy Mllama too, and both VLMs in one demo"): both VLMs fit 15 minutes
     per_arch: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"llava": {"steps": 500, "learning_rate": 6e-4}})
 
@@ -145,10 +145,12 @@ class DemoSettings:
         return replace(self, **self.per_arch.get(arch, {}), per_arch={})
 
     def override(self, changes: dict[str, Any]) -> DemoSettings:
-        """These settings with ``changes`` made for every VLM (a VLM's own value of a key given is dropped)."""
-        per_arch = {arch: {key: value for key, value in own.items() if key not in changes}
-                    for arch, own in self.per_arch.items()}
-        return replace(self, **changes, per_arch={arch: own for arch, own in per_arch.items() if own})
+        """These settings with ``changes`` made for every VLM. A VLM's own recipe is one choice (its
+        steps go with its learning rate), so a change to any of its keys drops all of it, as does
+        leaving the VLM out of ``archs``."""
+        changed = replace(self, **changes)
+        return replace(changed, per_arch={arch: own for arch, own in self.per_arch.items()
+                                          if arch in changed.archs and not own.keys() & changes.keys()})
 
 
 # The first world's experiment, as recorded before the binding world (docs/toy.md, "Choosing the
@@ -184,13 +186,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"VLMs to run (default {' '.join(defaults.archs)})")
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds per arm (default {defaults.seeds})")
     parser.add_argument("--steps", type=int, default=None,
-                        help=f"fine-tuning steps, for every VLM (default {_default(defaults, 'steps')})")
+                        help=f"fine-tuning steps of every VLM (default {_default(defaults, 'steps')}); given, it "
+                             "replaces a VLM's own schedule, its learning rate too")
     parser.add_argument("--att-weight", type=float, default=None, help=f"λ (default {defaults.att_weight})")
     parser.add_argument("--sft-size", type=int, default=None, help=f"SFT records (default {defaults.sft_size})")
     parser.add_argument("--eval-size", type=int, default=None,
                         help=f"records per evaluated split (default {defaults.eval_size})")
     parser.add_argument("--learning-rate", type=float, default=None,
-                        help=f"fine-tuning learning rate, for every VLM (default {_default(defaults, 'learning_rate')})")
+                        help=f"fine-tuning learning rate of every VLM (default {_default(defaults, 'learning_rate')}); "
+                             "given, it replaces a VLM's own schedule, its steps too")
     parser.add_argument("--text", choices=TEXT_SIDES, default=None,
                         help=f"the words aligned (default {defaults.text})")
     parser.add_argument("--teacher-text", choices=(*TEXT_SIDES, CAPTION), default=None,
