@@ -187,12 +187,18 @@ def binding_world(tmp_path_factory):
     return folder
 
 
-def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tmp_path, monkeypatch):
-    """The default preset at smoke size: its world, its VLM, the caption teacher, each arm's recipe
-    and the kernels it pins (a value the user set wins)."""
-    for name in KERNELS:  # set, then removed: the teardown restores each as it was
+@pytest.fixture
+def kernels_unset(monkeypatch):
+    """The kernel pins removed from the environment (run_demo sets them where unset); the teardown
+    restores each as it was."""
+    for name in KERNELS:  # set, then removed, so that monkeypatch records and restores it
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
+
+
+def test_the_default_demo_runs_the_binding_experiment(binding_world, weights, tmp_path, monkeypatch, kernels_unset):
+    """The default preset at smoke size: its world, its VLM, the caption teacher, each arm's recipe
+    and the kernels it pins (a value the user set wins)."""
     monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
     output = tmp_path / "demo"
     assert _lavender("demo", "--quick", "--weights", str(weights), "--world", str(binding_world), "--output",
@@ -383,10 +389,7 @@ def test_an_option_given_holds_for_every_vlm(ran):
     assert ran["settings"].per_arch == {}
 
 
-def test_each_vlm_trains_with_its_own_recipe(binding_world, weights, tmp_path, monkeypatch):
-    for name in KERNELS:  # run_demo sets them where unset; the teardown restores each as it was
-        monkeypatch.setenv(name, "")
-        monkeypatch.delenv(name)
+def test_each_vlm_trains_with_its_own_recipe(binding_world, weights, tmp_path, kernels_unset):
     settings = replace(DemoSettings(), seeds=1, sft_size=8, eval_size=6, steps=2, batch_size=4, arms=("sft", "lavender"),
                        per_arch={"llava": {"learning_rate": 5e-4}})
     models = locate_models(weights, None, settings.archs)

@@ -92,21 +92,19 @@ def sharpen_maps(maps: torch.Tensor, power: float, method: str) -> torch.Tensor:
 
 
 def _squared_error(predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    squared = (predicted - targets).pow(2)
+    squared = (predicted - targets).pow(2).flatten(1)
     if visible is None:
         return squared.mean(dim=1)
+    visible = visible.flatten(1)
     return (squared * visible).sum(dim=1) / visible.sum(dim=1).clamp_min(1)
 
 
 def _kl_divergence(predicted: torch.Tensor, targets: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
-    # the `sum` normalisation makes each map a distribution over its last two dims: a flattened
-    # map (N, R·R) is read as N maps of one row
-    cells = None if visible is None else visible[:, None]
-    target, vlm = (_sum(maps[:, None], cells)[:, 0] for maps in (targets, predicted))
+    target, vlm = (normalize_maps(maps, "sum", visible).flatten(1) for maps in (targets, predicted))
     return (target * ((target + EPS).log() - (vlm + EPS).log())).sum(dim=1)
 
 
-# Each takes flattened maps (N, R·R) in float32 and optionally which cells count; returns (N,).
+# Each takes maps (N, R, R) in float32 and optionally which cells count (bool, same shape); returns (N,).
 ATTENTION_LOSSES: dict[str, Callable[..., torch.Tensor]] = {"mse": _squared_error, "kl": _kl_divergence}
 
 
@@ -123,8 +121,7 @@ def attention_loss(
         raise ValueError(f"predicted maps {tuple(predicted.shape)} and targets {tuple(targets.shape)} differ in shape")
     if kind not in ATTENTION_LOSSES:
         raise ValueError(f"unknown attention loss {kind!r}; choose one of {sorted(ATTENTION_LOSSES)}")
-    return ATTENTION_LOSSES[kind](predicted.float().flatten(1), targets.float().flatten(1),
-                                  None if visible is None else visible.flatten(1))
+    return ATTENTION_LOSSES[kind](predicted.float(), targets.float(), visible)
 
 
 @dataclass(frozen=True)
